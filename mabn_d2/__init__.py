@@ -1,0 +1,1 @@
+"""MABN for detectron2."""

@@ -1,0 +1,120 @@
+"""Batch Renormalization (Ioffe, NeurIPS 2017), the paper's main small-batch baseline."""
+import torch
+from torch import nn
+
+__all__ = ["BatchRenorm2d", "renorm_limits"]
+
+
+def renorm_limits(
+    iteration: int, r_max: float, d_max: float, warmup_iters: int, r_max_ramp_iters: int, d_max_ramp_iters: int
+) -> tuple:
+    """(r_max, d_max) at `iteration`: plain BN (1, 0) during warm-up, then linear ramps."""
+
+    def ramp(final: float, start: float, length: int) -> float:
+        if iteration <= warmup_iters:
+            return start
+        if length <= 0:
+            return final
+        progress = min(1.0, (iteration - warmup_iters) / length)
+        return start + (final - start) * progress
+
+    return ramp(r_max, 1.0, r_max_ramp_iters), ramp(d_max, 0.0, d_max_ramp_iters)
+
+
+class BatchRenorm2d(nn.Module):
+    """BN whose training output is corrected towards the running statistics.
+
+    y = weight * ((x - mu_B) / sigma_B * r + d) + bias, with r = clip(sigma_B / sigma, 1/r_max, r_max)
+    and d = clip((mu_B - mu) / sigma, -d_max, d_max) treated as constants in backward.
+    `momentum` follows torch's BatchNorm convention (weight of the new batch statistic).
+    r_max and d_max start at 1 and 0 and ramp linearly to their final values after
+    `warmup_iters`, over `r_max_ramp_iters` and `d_max_ramp_iters` iterations.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_iters: int = 5000,
+        r_max_ramp_iters: int = 35000,
+        d_max_ramp_iters: int = 20000,
+    ):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"BatchRenorm2d: num_features must be >= 1, got {num_features}")
+        if eps <= 0:
+            raise ValueError(f"BatchRenorm2d: eps must be > 0, got {eps}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"BatchRenorm2d: momentum must be in (0, 1], got {momentum}")
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"BatchRenorm2d: need r_max >= 1 and d_max >= 0, got {r_max}, {d_max}")
+        if min(warmup_iters, r_max_ramp_iters, d_max_ramp_iters) < 0:
+            raise ValueError("BatchRenorm2d: warm-up and ramp lengths must be >= 0")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_iters = warmup_iters
+        self.r_max_ramp_iters = r_max_ramp_iters
+        self.d_max_ramp_iters = d_max_ramp_iters
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._iteration = 0
+
+    def current_limits(self) -> tuple:
+        return renorm_limits(
+            self._iteration, self.r_max, self.d_max, self.warmup_iters, self.r_max_ramp_iters, self.d_max_ramp_iters
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"BatchRenorm2d expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if not self.training or x.numel() == 0:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        self._iteration += 1
+        self.num_batches_tracked.add_(1)
+        r_max, d_max = self.current_limits()
+        dims = (0, 2, 3)
+        x32 = x.float()
+        var_b, mean_b = torch.var_mean(x32, dim=dims, correction=0)
+        std_b = (var_b + self.eps).sqrt()
+        with torch.no_grad():
+            std_run = (self.running_var + self.eps).sqrt()
+            r = (std_b / std_run).clamp(1.0 / r_max, r_max)
+            d = ((mean_b - self.running_mean) / std_run).clamp(-d_max, d_max)
+            count = x.numel() // x.shape[1]
+            unbiased_var = var_b * (count / max(count - 1, 1))
+            new_mean = torch.lerp(self.running_mean, mean_b, self.momentum)
+            new_var = torch.lerp(self.running_var, unbiased_var, self.momentum)
+            finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
+            self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
+            self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+        view = (1, -1, 1, 1)
+        scale = (self.weight * r / std_b).view(view)
+        shift = (self.bias + self.weight * (d - r * mean_b / std_b)).view(view)
+        return (x32 * scale + shift).to(x.dtype)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        counter = state_dict.get(prefix + "num_batches_tracked")
+        if counter is not None:
+            self._iteration = int(counter)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
+            f"d_max={self.d_max}, warmup_iters={self.warmup_iters}"
+        )
