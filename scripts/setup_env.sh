@@ -41,7 +41,7 @@ else
   "$PY" -c "import detectron2.modeling" || { echo "[setup] detectron2 failed to import" >&2; exit 1; }
 fi
 
-if ! "$PY" -c "import mabn_d2" 2>/dev/null; then
+if ! "$PY" -m pip show -q mabn_d2 >/dev/null 2>&1; then
   echo "[setup] installing mabn_d2 (editable)"
   "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi

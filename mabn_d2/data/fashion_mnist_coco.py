@@ -57,7 +57,9 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger(__name__)
+# Stable name even under `python -m` (where __name__ == "__main__").
+_MODULE = "mabn_d2.data.fashion_mnist_coco"
+logger = logging.getLogger(_MODULE)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -246,7 +248,7 @@ def _sample_article(images: np.ndarray, rng: np.random.Generator) -> Tuple[int, 
 
 def _place(
     sizes: Sequence[Tuple[int, int]], canvas_size: int, min_objects: int, rng: np.random.Generator
-) -> List[Tuple[int, int, int]]:
+) -> Tuple[List[Tuple[int, int, int]], bool]:
     """Choose non-overlapping top-left corners for patches of the given ``(h, w)`` sizes.
 
     Random rejection sampling (a fixed number of candidate draws per patch, so
@@ -254,7 +256,7 @@ def _place(
     dropped. If fewer than ``min_objects`` survive, fall back to a fixed grid
     of ``_MAX_SIDE`` cells, which always fits ``min_objects`` (validated).
 
-    Returns ``(patch_index, x, y)`` triples.
+    Returns ``(patch_index, x, y)`` triples and whether the fallback was used.
     """
     placed: List[Tuple[int, int, int]] = []
     boxes = np.zeros((0, 4), dtype=np.int64)  # x0, y0, x1, y1 (exclusive)
@@ -278,10 +280,11 @@ def _place(
         placed.append((i, x, y))
         boxes = np.vstack([boxes, [[x, y, x + w, y + h]]])
     if len(placed) >= min_objects:
-        return placed
+        return placed, False
     # Deterministic fallback: one patch per _MAX_SIDE x _MAX_SIDE grid cell.
     cells = canvas_size // _MAX_SIDE
-    return [(i, (i % cells) * _MAX_SIDE, (i // cells) * _MAX_SIDE) for i in range(min(len(sizes), cells * cells))]
+    grid = [(i, (i % cells) * _MAX_SIDE, (i // cells) * _MAX_SIDE) for i in range(min(len(sizes), cells * cells))]
+    return grid, True
 
 
 def _png_bytes(gray: np.ndarray) -> bytes:
@@ -319,10 +322,8 @@ def _generate_split(
         # Largest first packs better; the sort is stable, hence deterministic.
         order = sorted(range(n), key=lambda j: -articles[j][1].size)
         articles = [articles[j] for j in order]
-        placements = _place([a[1].shape for a in articles], canvas_size, min_objects, rng)
-        if len(placements) < n and placements and placements[0][1:] == (0, 0) and len(placements) > 1 \
-                and placements[1][1:] == (_MAX_SIDE, 0):
-            fallbacks += 1
+        placements, used_fallback = _place([a[1].shape for a in articles], canvas_size, min_objects, rng)
+        fallbacks += int(used_fallback)
         canvas = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
         for j, x, y in placements:
             src_index, patch = articles[j]
@@ -515,7 +516,7 @@ def build_fashion_mnist_coco(
         for rel in sorted(files):
             content.update(f"{rel}\0{files[rel]}\n".encode())
         manifest = {
-            "generator": __name__,
+            "generator": _MODULE,
             "arguments": arguments,
             "counts": counts,
             "content_sha256": content.hexdigest(),

@@ -42,10 +42,19 @@ def mabn_phase(
 
 
 def mabn_inference(
-    x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    zero_mean: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta."""
-    zero_mean = torch.zeros_like(running_var)
+    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta.
+
+    `zero_mean` (a zero tensor of shape [C]) can be passed to avoid allocating one per call.
+    """
+    if zero_mean is None:
+        zero_mean = torch.zeros_like(running_var)
     return torch.nn.functional.batch_norm(x, zero_mean, running_var, weight, bias, False, 0.0, eps)
 
 

@@ -80,7 +80,7 @@ class MABN2d(nn.Module):
             )
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
-            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps)
+            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps, self.running_mean)
         self._iteration += 1
         self.num_batches_tracked.add_(1)
         phase = mabn_phase(self._iteration, self.buffer_size, self.warmup_iters, self.renorm_warmup_iters)
