@@ -1,0 +1,141 @@
+"""Config keys of the MABN and Batch Renorm norms (cfg.MODEL.MABN, cfg.MODEL.BRN) and their checks.
+
+detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
+through `mabn_d2.registry` (which reads them while `build_model` runs).
+"""
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from detectron2.config import CfgNode as CN
+
+__all__ = [
+    "add_mabn_config",
+    "validate_mabn_config",
+    "mabn_kwargs_from_cfg",
+    "brn_kwargs_from_cfg",
+]
+
+
+def _mabn_defaults() -> CN:
+    node = CN()
+    # Iterations averaged by the simple moving averages of chi2_B and Psi_B (the ring-buffer length m).
+    node.BUFFER_SIZE = 16
+    # Decay of the running_var EMA used at inference and for re-normalization (0.98 keeps 98% of the old value).
+    node.MOMENTUM = 0.98
+    # Iterations that use the batch statistics themselves before switching to the moving averages.
+    node.WARMUP_ITERS = 100
+    # Iterations before the re-normalization factor r (clipped ratio to running_var) is applied.
+    node.RENORM_WARMUP_ITERS = 1000
+    # r is clipped to [1 / RENORM_CLIP, RENORM_CLIP].
+    node.RENORM_CLIP = 5.0
+    # Added to the second moment before the square root.
+    node.EPS = 1e-5
+    return node
+
+
+def _brn_defaults() -> CN:
+    node = CN()
+    # Added to the variance before the square root.
+    node.EPS = 1e-5
+    # Weight of the new batch statistic in the running averages (torch's BatchNorm convention).
+    node.MOMENTUM = 0.01
+    # Final clip of the std correction r to [1 / R_MAX, R_MAX].
+    node.R_MAX = 3.0
+    # Final clip of the mean correction d to [-D_MAX, D_MAX].
+    node.D_MAX = 5.0
+    # Iterations of plain BN (r = 1, d = 0) before the limits start to ramp up.
+    node.WARMUP_ITERS = 5000
+    # Iterations over which the r limit ramps linearly from 1 to R_MAX.
+    node.R_MAX_RAMP_ITERS = 35000
+    # Iterations over which the d limit ramps linearly from 0 to D_MAX.
+    node.D_MAX_RAMP_ITERS = 20000
+    return node
+
+
+def add_mabn_config(cfg: CN) -> None:
+    """Add cfg.MODEL.MABN and cfg.MODEL.BRN; keys already present keep their values."""
+    for name, defaults in (("MABN", _mabn_defaults()), ("BRN", _brn_defaults())):
+        if name not in cfg.MODEL:
+            cfg.MODEL[name] = defaults
+            continue
+        for key, value in defaults.items():
+            if key not in cfg.MODEL[name]:
+                cfg.MODEL[name][key] = value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+# key -> (check, what the check requires), per section
+_Rule = Dict[str, Tuple[Callable[[Any], bool], str]]
+_MABN_RULES: _Rule = {
+    "BUFFER_SIZE": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "MOMENTUM": (lambda v: _is_number(v) and 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+    "RENORM_WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+    "RENORM_CLIP": (lambda v: _is_number(v) and v >= 1.0, "must be >= 1"),
+    "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
+}
+_BRN_RULES: _Rule = {
+    "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
+    "MOMENTUM": (lambda v: _is_number(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "R_MAX": (lambda v: _is_number(v) and v >= 1.0, "must be >= 1"),
+    "D_MAX": (lambda v: _is_number(v) and v >= 0.0, "must be >= 0"),
+    "WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+    "R_MAX_RAMP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+    "D_MAX_RAMP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+}
+_SECTIONS = {"MABN": (_MABN_RULES, _mabn_defaults), "BRN": (_BRN_RULES, _brn_defaults)}
+
+
+def _section(cfg: Any, name: str) -> Optional[CN]:
+    model = getattr(cfg, "MODEL", None)
+    if model is None or name not in model:
+        return None
+    return model[name]
+
+
+def validate_mabn_config(cfg: CN) -> None:
+    """Raise ValueError naming the first bad key of cfg.MODEL.MABN / cfg.MODEL.BRN.
+
+    Sections or keys that are absent are not errors (the layer defaults apply); unknown
+    keys are, since they are most likely misspellings.
+    """
+    for name, (rules, _) in _SECTIONS.items():
+        section = _section(cfg, name)
+        if section is None:
+            continue
+        for key in section:
+            if key not in rules:
+                raise ValueError(f"cfg.MODEL.{name}.{key} is not a known key; expected one of {sorted(rules)}")
+        for key, (check, requirement) in rules.items():
+            if key in section and not check(section[key]):
+                raise ValueError(f"cfg.MODEL.{name}.{key} {requirement}, got {section[key]!r}")
+
+
+def _kwargs_from_section(cfg: CN, name: str) -> Dict[str, Any]:
+    rules, defaults = _SECTIONS[name]
+    section = _section(cfg, name)
+    values = defaults()
+    if section is not None:
+        values.update({key: section[key] for key in rules if key in section})
+    return {key.lower(): values[key] for key in rules}
+
+
+def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
+    """MABN2d keyword arguments from cfg.MODEL.MABN (defaults for anything absent)."""
+    return _kwargs_from_section(cfg, "MABN")
+
+
+def brn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
+    """BatchRenorm2d keyword arguments from cfg.MODEL.BRN (defaults for anything absent)."""
+    return _kwargs_from_section(cfg, "BRN")

@@ -1,0 +1,654 @@
+"""The detectron2 glue: NORM strings, centralization at build, cfg plumbing, freezing, RetinaNet."""
+import collections
+import importlib
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mabn_d2
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.config import get_cfg, instantiate
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
+from detectron2.layers import batch_norm as d2_batch_norm
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicStem
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+from mabn_d2 import BatchRenorm2d, CenteredConv2d, MABN2d, add_mabn_config, mabn_build_context, register_norms
+from mabn_d2.cycle import CycleMABNList
+from mabn_d2.registry import brn_build_context
+
+MABN_CFG = dict(BUFFER_SIZE=4, MOMENTUM=0.9, WARMUP_ITERS=7, RENORM_WARMUP_ITERS=30, RENORM_CLIP=2.5, EPS=1e-3)
+MABN_ATTRS = dict(buffer_size=4, momentum=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=2.5, eps=1e-3)
+RING_BUFFERS = ("x2_buffer", "gz_buffer")
+# R-18 Mask R-CNN FPN with norms everywhere: stem 1, res2 2x2, res3-res5 2x2 + shortcut, FPN 8, box 4, mask 4
+R18_FPN_NORMS = 1 + 4 + 3 * 5 + 8 + 4 + 4
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: extra intra-op threads only add waiting on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def zoo_cfg(config_file, norm="MABN", mabn=None, small=False):
+    cfg = get_cfg()
+    add_mabn_config(cfg)
+    cfg.merge_from_file(model_zoo.get_config_file(config_file))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.NORM = norm
+    cfg.MODEL.FPN.NORM = norm
+    for key, value in (mabn or {}).items():
+        cfg.MODEL.MABN[key] = value
+    if small:
+        cfg.MODEL.RESNETS.DEPTH = 18
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+        cfg.MODEL.FPN.OUT_CHANNELS = 32
+        cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 100
+        cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+        cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
+        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+        cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
+        cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+        cfg.MODEL.RETINANET.NUM_CONVS = 2
+        cfg.INPUT.MIN_SIZE_TEST = 64
+        cfg.INPUT.MAX_SIZE_TEST = 64
+    return cfg
+
+
+def mask_rcnn_cfg(norm="MABN", mabn=None, small=False):
+    cfg = zoo_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", norm, mabn, small)
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 4
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
+    cfg.MODEL.ROI_BOX_HEAD.NORM = norm
+    cfg.MODEL.ROI_MASK_HEAD.NORM = norm
+    return cfg
+
+
+def retinanet_cfg(head_norm):
+    cfg = zoo_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml", norm="FrozenBN", small=True)
+    cfg.MODEL.FPN.NORM = ""
+    cfg.MODEL.RETINANET.NORM = head_norm
+    return cfg
+
+
+def of_type(model, cls):
+    return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
+
+
+def part_of(name):
+    """backbone.bottom_up.res2.0.conv1.norm -> res2; backbone.fpn_lateral2.norm -> fpn; ..."""
+    parts = name.split(".")
+    if parts[0] != "backbone":
+        return parts[1]
+    if parts[1].startswith("fpn_"):
+        return "fpn"
+    return parts[2] if parts[1] == "bottom_up" else parts[1]  # C4 models have no FPN wrapper
+
+
+def counts_by_part(model, cls):
+    return dict(collections.Counter(part_of(name) for name in of_type(model, cls)))
+
+
+def conv_feeding(model, norm_name):
+    """The module that owns the norm named `norm_name` (a Conv2d's `.norm`)."""
+    owner, _, attr = norm_name.rpartition(".")
+    assert attr == "norm", norm_name
+    return model.get_submodule(owner)
+
+
+def ring_buffer_keys(model):
+    return {f"{name}.{buf}" for name in of_type(model, MABN2d) for buf in RING_BUFFERS}
+
+
+def assert_centralized(conv):
+    """conv(x) equals F.conv2d with W - mean(W) per output channel (then its norm/activation), not with W."""
+    conv.eval()
+    x = torch.randn(1, conv.in_channels, 6, 6)
+    w = conv.weight.detach()
+
+    def reference(weight):
+        y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if getattr(conv, "norm", None) is not None:
+            y = conv.norm(y)
+        if getattr(conv, "activation", None) is not None:
+            y = conv.activation(y)
+        return y
+
+    with torch.no_grad():
+        out = conv(x)
+        torch.testing.assert_close(out, reference(w - w.mean(dim=(1, 2, 3), keepdim=True)), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out, reference(w), rtol=1e-3, atol=1e-4)
+
+
+def detection_batch(size=64, n=2, masks=False, sem_seg=False):
+    batch = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[8.0, 10.0, 40.0, 50.0], [20.0, 4.0, 60.0, 30.0]]))
+        inst.gt_classes = torch.tensor([1, 3])
+        if masks:
+            bitmasks = torch.zeros(2, size, size, dtype=torch.bool)
+            bitmasks[0, 10:50, 8:40] = True
+            bitmasks[1, 4:30, 20:60] = True
+            inst.gt_masks = BitMasks(bitmasks)
+        item = {"image": torch.rand(3, size, size) * 255, "instances": inst, "height": size, "width": size}
+        if sem_seg:
+            item["sem_seg"] = torch.randint(0, 5, (size, size))
+        batch.append(item)
+    return batch
+
+
+class RecordWarnings(logging.Handler):
+    def __init__(self, logger_name):
+        super().__init__(level=logging.WARNING)
+        self.logger = logging.getLogger(logger_name)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+
+# ---------------------------------------------------------------- get_norm / build_model bindings
+
+GET_NORM_BINDERS = [
+    "detectron2.layers",
+    "detectron2.layers.batch_norm",
+    "detectron2.layers.blocks",
+    "detectron2.layers.aspp",
+    "detectron2.modeling.backbone.resnet",
+    "detectron2.modeling.backbone.fpn",
+    "detectron2.modeling.backbone.regnet",
+    "detectron2.modeling.backbone.vit",
+    "detectron2.modeling.roi_heads.box_head",
+    "detectron2.modeling.roi_heads.mask_head",
+    "detectron2.modeling.meta_arch.retinanet",
+    "detectron2.modeling.meta_arch.semantic_seg",
+    "detectron2.projects.deeplab.semantic_seg",
+    "detectron2.projects.deeplab.resnet",
+]
+BUILD_MODEL_BINDERS = [
+    "detectron2.modeling",
+    "detectron2.modeling.meta_arch",
+    "detectron2.modeling.meta_arch.build",
+    "detectron2.engine.defaults",
+    "detectron2.model_zoo.model_zoo",
+]
+
+
+@pytest.mark.parametrize("module_name", GET_NORM_BINDERS)
+def test_every_get_norm_binding_knows_the_new_names(module_name):
+    get_norm = importlib.import_module(module_name).get_norm
+    assert get_norm is d2_batch_norm.get_norm
+    assert isinstance(get_norm("MABN", 8), MABN2d)
+    assert isinstance(get_norm("BRN", 8), BatchRenorm2d)
+
+
+@pytest.mark.parametrize("module_name", BUILD_MODEL_BINDERS)
+def test_every_build_model_binding_is_the_hooked_one(module_name):
+    fn = importlib.import_module(module_name).build_model
+    assert fn is build_model
+    assert getattr(fn, "_mabn_d2_hook", False)
+    assert not getattr(fn.__wrapped__, "_mabn_d2_hook", False)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    ["BN", "GN", "FrozenBN", "SyncBN", "nnSyncBN", "naiveSyncBN", "LN", "", None, lambda c: nn.InstanceNorm2d(c)],
+)
+def test_other_norms_behave_as_the_original_get_norm(norm):
+    original = d2_batch_norm.get_norm.__wrapped__
+    assert not getattr(original, "_mabn_d2_hook", False)
+    ours, theirs = d2_batch_norm.get_norm(norm, 32), original(norm, 32)
+    assert type(ours) is type(theirs)
+    if theirs is not None:
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_unknown_norm_string_still_fails_as_before():
+    with pytest.raises(KeyError):
+        d2_batch_norm.get_norm.__wrapped__("NoSuchNorm", 8)
+    with pytest.raises(KeyError):
+        d2_batch_norm.get_norm("NoSuchNorm", 8)
+
+
+def test_register_norms_is_idempotent():
+    hooks = lambda: (  # noqa: E731
+        d2_batch_norm.get_norm,
+        build_model,
+        importlib.import_module("detectron2.modeling").build_model,
+        Conv2d.__init__,
+        FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__,
+        RetinaNetHead.__init__,
+    )
+    before = hooks()
+    register_norms()
+    register_norms()
+    assert hooks() == before
+    for fn in before:
+        assert getattr(fn, "_mabn_d2_hook", False)
+        assert not getattr(fn.__wrapped__, "_mabn_d2_hook", False)  # wrapped once, not twice
+    stem = BasicStem(3, 8, norm="MABN")
+    assert type(stem.conv1) is CenteredConv2d and isinstance(stem.conv1.norm, MABN2d)
+
+
+# ---------------------------------------------------------------- Mask R-CNN R50-FPN (build only)
+
+
+@pytest.fixture(scope="module")
+def r50_models():
+    mabn = build_model(mask_rcnn_cfg("MABN", MABN_CFG))
+    bn = build_model(mask_rcnn_cfg("BN"))
+    return mabn, bn
+
+
+def test_mask_rcnn_r50_fpn_has_mabn_in_every_part(r50_models):
+    model, _ = r50_models
+    expected = {
+        "stem": 1,
+        "res2": 3 * 3 + 1,  # 3 bottlenecks x 3 convs + shortcut
+        "res3": 4 * 3 + 1,
+        "res4": 6 * 3 + 1,
+        "res5": 3 * 3 + 1,
+        "fpn": 4 + 4,  # lateral + output
+        "box_head": 4,
+        "mask_head": 4,
+    }
+    assert counts_by_part(model, MABN2d) == expected
+    assert sum(expected.values()) == 53 + 8 + 4 + 4
+    assert not of_type(model, nn.modules.batchnorm._NormBase)
+    assert not of_type(model, FrozenBatchNorm2d)
+
+
+def test_exactly_the_convs_feeding_mabn_are_centralized(r50_models):
+    model, _ = r50_models
+    feeding = {name.rpartition(".")[0] for name in of_type(model, MABN2d)}
+    assert set(of_type(model, CenteredConv2d)) == feeding
+    assert "proposal_generator.rpn_head.conv" not in feeding  # no norm there: stays a plain conv
+    assert type(model.proposal_generator.rpn_head.conv) is Conv2d
+    for name in sorted(feeding):
+        assert_centralized(model.get_submodule(name))
+
+
+def test_cfg_hyper_parameters_reach_every_mabn_layer(r50_models):
+    model, _ = r50_models
+    for name, layer in of_type(model, MABN2d).items():
+        assert {k: getattr(layer, k) for k in MABN_ATTRS} == MABN_ATTRS, name
+        assert layer.x2_buffer.shape == (4, layer.num_features)
+
+
+def test_state_dict_keys_are_the_bn_models_plus_ring_buffers(r50_models):
+    mabn, bn = r50_models
+    mabn_sd, bn_sd = mabn.state_dict(), bn.state_dict()
+    assert len(ring_buffer_keys(mabn)) == 2 * 69
+    assert set(mabn_sd) == set(bn_sd) | ring_buffer_keys(mabn)
+    assert not set(bn_sd) & ring_buffer_keys(mabn)
+    for key in bn_sd:
+        assert mabn_sd[key].shape == bn_sd[key].shape, key
+
+
+def test_c4_res5_head_uses_mabn():
+    cfg = zoo_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml")
+    model = build_model(cfg)
+    counts = counts_by_part(model, MABN2d)
+    assert counts["res5"] == 3 * 3 + 1  # the ROI head's res5 stage
+    assert {k: v for k, v in counts.items() if k != "res5"} == {"stem": 1, "res2": 10, "res3": 13, "res4": 19}
+    for name in of_type(model.roi_heads.res5, MABN2d):
+        assert type(conv_feeding(model.roi_heads.res5, name)) is CenteredConv2d
+
+
+# ---------------------------------------------------------------- small models: training, entry points
+
+
+def test_small_mask_rcnn_trains_one_step_with_mabn_everywhere():
+    model = build_model(mask_rcnn_cfg("MABN", MABN_CFG, small=True))
+    model.train()
+    with EventStorage(0):
+        losses = model(detection_batch(masks=True))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    layers = of_type(model, MABN2d)
+    iterations = {name: layer.iteration for name, layer in layers.items()}
+    assert all(it == 1 for it in iterations.values()), iterations
+    assert all(int(layer.num_batches_tracked) == 1 for layer in layers.values())
+    assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
+
+
+def test_default_trainer_and_predictor_build_with_cfg_values():
+    from detectron2.engine import DefaultPredictor, DefaultTrainer
+
+    cfg = mask_rcnn_cfg("MABN", MABN_CFG, small=True)
+    for model in (DefaultTrainer.build_model(cfg), DefaultPredictor(cfg).model):
+        layers = of_type(model, MABN2d)
+        assert len(layers) == R18_FPN_NORMS
+        assert all(layer.buffer_size == 4 and layer.eps == 1e-3 for layer in layers.values())
+        assert len(of_type(model, CenteredConv2d)) == len(layers)
+    predictions = DefaultPredictor(cfg)(np.random.randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert "instances" in predictions
+
+
+def test_cfg_without_mabn_section_uses_defaults_or_the_enclosing_context():
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.FPN.OUT_CHANNELS = 18, 64, 32
+    cfg.MODEL.RESNETS.NORM = "MABN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    assert "MABN" not in cfg.MODEL
+    stem_norm = build_model(cfg).backbone.bottom_up.stem.conv1.norm
+    assert (stem_norm.buffer_size, stem_norm.momentum) == (16, 0.98)
+    with mabn_build_context(buffer_size=5):
+        stem_norm = build_model(cfg).backbone.bottom_up.stem.conv1.norm
+    assert stem_norm.buffer_size == 5
+
+
+@pytest.mark.parametrize(
+    "section, key, value", [("MABN", "MOMENTUM", 1.5), ("MABN", "BUFFER_SIZE", 0), ("BRN", "R_MAX", 0.5)]
+)
+def test_build_model_rejects_bad_cfg_values_naming_the_key(section, key, value):
+    cfg = mask_rcnn_cfg("MABN", small=True)
+    cfg.MODEL[section][key] = value
+    with pytest.raises(ValueError, match=f"cfg.MODEL.{section}.{key}"):
+        build_model(cfg)
+
+
+def test_brn_cfg_reaches_batch_renorm_layers_and_leaves_convs_plain():
+    cfg = mask_rcnn_cfg("BRN", small=True)
+    cfg.MODEL.BRN.R_MAX, cfg.MODEL.BRN.WARMUP_ITERS = 2.0, 11
+    model = build_model(cfg)
+    layers = of_type(model, BatchRenorm2d)
+    assert len(layers) == R18_FPN_NORMS and all(l.r_max == 2.0 and l.warmup_iters == 11 for l in layers.values())
+    assert not of_type(model, CenteredConv2d) and not of_type(model, MABN2d)
+
+
+# ---------------------------------------------------------------- hand-built models, contexts
+
+
+def test_hand_built_modules_are_centralized_and_follow_the_context():
+    assert type(BasicStem(3, 8, norm="BN").conv1) is Conv2d
+    stem = BasicStem(3, 8, norm="MABN")
+    assert type(stem.conv1) is CenteredConv2d
+    assert stem.conv1.norm.buffer_size == 16  # outside a context: the layer defaults
+    with mabn_build_context(buffer_size=3, momentum=0.5):
+        with mabn_build_context(momentum=0.7):  # nested: overrides key by key
+            inner = BasicStem(3, 8, norm="MABN").conv1.norm
+        outer = instantiate(L(BasicStem)(in_channels=3, out_channels=8, norm="MABN")).conv1.norm
+    assert (inner.buffer_size, inner.momentum) == (3, 0.7)
+    assert (outer.buffer_size, outer.momentum) == (3, 0.5)
+    assert BasicStem(3, 8, norm="MABN").conv1.norm.momentum == 0.98
+    with brn_build_context(r_max=1.5):
+        assert d2_batch_norm.get_norm("BRN", 4).r_max == 1.5
+    assert d2_batch_norm.get_norm("BRN", 4).r_max == 3.0
+
+
+def test_plain_conv_with_mabn_norm_is_centralized():
+    conv = Conv2d(4, 6, kernel_size=3, padding=1, norm=MABN2d(6))
+    assert type(conv) is CenteredConv2d
+    assert_centralized(conv)
+    assert type(Conv2d(4, 6, kernel_size=3, norm=BatchRenorm2d(6))) is Conv2d
+
+
+def test_build_contexts_reject_unknown_or_bad_arguments():
+    with pytest.raises(TypeError, match="buffer_sise"):
+        with mabn_build_context(buffer_sise=3):
+            pass
+    with pytest.raises(ValueError, match="momentum"):
+        with mabn_build_context(momentum=1.5):
+            pass
+    with pytest.raises(ValueError, match="r_max"):
+        with brn_build_context(r_max=0.5):
+            pass
+
+
+# ---------------------------------------------------------------- frozen stages
+
+
+def small_resnet_cfg(norm, freeze_at):
+    cfg = mask_rcnn_cfg(norm, MABN_CFG, small=True)
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    return cfg
+
+
+def stem_res2(bottom_up, x):
+    return bottom_up.res2(bottom_up.stem(x))
+
+
+def test_freeze_at_2_turns_mabn_into_frozen_bn_and_keeps_centralized_convs():
+    model = build_model(small_resnet_cfg("MABN", 2))
+    bottom_up = model.backbone.bottom_up
+    frozen = {**of_type(bottom_up.stem, FrozenBatchNorm2d), **of_type(bottom_up.res2, FrozenBatchNorm2d)}
+    assert len(frozen) == 1 + 4  # stem + 2 basic blocks x 2 convs
+    assert not of_type(bottom_up.stem, MABN2d) and not of_type(bottom_up.res2, MABN2d)
+    assert counts_by_part(model, MABN2d)["res3"] == 5
+    for name, norm in of_type(bottom_up.res2, FrozenBatchNorm2d).items():
+        assert type(conv_feeding(bottom_up.res2, name)) is CenteredConv2d
+        assert norm.eps == 1e-3
+    assert type(bottom_up.stem.conv1) is CenteredConv2d
+    assert all(not p.requires_grad for p in bottom_up.res2.parameters())
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        bottom_up.train()
+        train_out = stem_res2(bottom_up, x)
+        bottom_up.eval()
+        eval_out = stem_res2(bottom_up, x)
+    assert torch.equal(train_out, eval_out)
+
+    unfrozen = build_model(small_resnet_cfg("MABN", 0)).backbone.bottom_up
+    with torch.no_grad():
+        unfrozen.train()
+        train_out = stem_res2(unfrozen, x)
+        unfrozen.eval()
+        eval_out = stem_res2(unfrozen, x)
+    assert not torch.allclose(train_out, eval_out)  # control: a live MABN differs between modes
+
+
+def test_freezing_keeps_mabn_statistics_and_eval_function():
+    bottom_up = build_model(small_resnet_cfg("MABN", 0)).backbone.bottom_up
+    torch.manual_seed(0)
+    values = {}
+    for part in ("stem", "res2"):
+        for name, layer in of_type(getattr(bottom_up, part), MABN2d).items():
+            with torch.no_grad():
+                layer.running_var.uniform_(0.5, 2.0)
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+                layer.num_batches_tracked.fill_(7)
+            values[(part, name)] = {k: getattr(layer, k).detach().clone() for k in ("running_var", "weight", "bias")}
+    x = torch.randn(2, 3, 32, 32)
+    bottom_up.eval()
+    with torch.no_grad():
+        before = stem_res2(bottom_up, x)
+        bottom_up.freeze(2)
+        after = stem_res2(bottom_up, x)
+    torch.testing.assert_close(after, before)
+    for (part, name), expected in values.items():
+        frozen = getattr(bottom_up, part).get_submodule(name)
+        assert type(frozen) is FrozenBatchNorm2d
+        for key, value in expected.items():
+            assert torch.equal(getattr(frozen, key), value), (part, name, key)
+        assert torch.equal(frozen.running_mean, torch.zeros_like(frozen.running_mean))
+        assert frozen.eps == 1e-3 and int(frozen.num_batches_tracked) == 7
+
+
+def test_frozen_model_state_dict_keys_match_frozen_bn_model():
+    mabn = build_model(small_resnet_cfg("MABN", 2))
+    bn = build_model(small_resnet_cfg("BN", 2))
+    ring = ring_buffer_keys(mabn)
+    assert not any(".stem." in k or ".res2." in k for k in ring)
+    assert set(mabn.state_dict()) == set(bn.state_dict()) | ring
+
+
+@pytest.mark.parametrize("norm_class", [MABN2d, BatchRenorm2d])
+def test_convert_frozen_batchnorm_handles_mabn_and_brn(norm_class):
+    torch.manual_seed(0)
+    norm = norm_class(6, eps=1e-3)
+    with torch.no_grad():
+        norm.running_var.uniform_(0.5, 2.0)
+        if norm_class is BatchRenorm2d:
+            norm.running_mean.uniform_(-1.0, 1.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 5, 5)
+    expected = norm.eval()(x)
+    frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(norm))[0]
+    assert type(frozen) is FrozenBatchNorm2d
+    torch.testing.assert_close(frozen(x), expected)
+    assert torch.equal(frozen.running_mean, norm.running_mean)
+
+
+# ---------------------------------------------------------------- RetinaNet
+
+
+@pytest.mark.parametrize("head_norm, level_class", [("MABN", MABN2d), ("BRN", BatchRenorm2d)])
+def test_retinanet_keeps_per_level_statistics_without_warning(head_norm, level_class):
+    with RecordWarnings("detectron2.modeling.meta_arch.retinanet") as records:
+        model = build_model(retinanet_cfg(head_norm))
+    assert records.messages == []
+    head = model.head
+    lists = [m for m in list(head.cls_subnet) + list(head.bbox_subnet) if isinstance(m, CycleMABNList)]
+    assert len(lists) == 2 * 2  # NUM_CONVS per subnet
+    levels = len(model.head_in_features)
+    assert levels == 5
+    for norm_list in lists:
+        assert len(norm_list) == levels and all(type(m) is level_class for m in norm_list)
+
+    convs = [head.cls_subnet[i] for i in (0, 3)] + [head.bbox_subnet[i] for i in (0, 3)]
+    if head_norm == "MABN":
+        for conv in convs:
+            assert type(conv) is CenteredConv2d
+            assert_centralized(conv)
+    else:
+        assert all(type(conv) is nn.Conv2d for conv in convs)
+
+    model.train()
+    with EventStorage(0):
+        losses = model(detection_batch(size=128))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for norm_list in lists:
+        assert [int(m.num_batches_tracked) for m in norm_list] == [1] * levels
+        assert [m._iteration for m in norm_list] == [1] * levels
+        assert norm_list._pos == 0
+        assert norm_list.weight.grad is not None
+    if head_norm == "MABN":
+        slot = 1 % MABN2d(1).buffer_size
+        per_level = torch.stack([m.x2_buffer[slot] for m in lists[0]])
+        assert not torch.allclose(per_level[0], per_level[-1])  # each level its own statistics
+    model.eval()
+    with torch.no_grad():
+        model([{"image": torch.rand(3, 64, 64) * 255}])
+
+
+def test_retinanet_state_dict_keys_match_cycle_batchnorm_model():
+    mabn = build_model(retinanet_cfg("MABN"))
+    bn = build_model(retinanet_cfg("BN"))
+    assert isinstance(bn.head.cls_subnet[1], CycleBatchNormList)
+    ring = ring_buffer_keys(mabn)
+    assert len(ring) == 2 * 2 * 2 * 5  # ring buffers x subnets x NUM_CONVS x levels
+    assert set(mabn.state_dict()) == set(bn.state_dict()) | ring
+    assert "head.cls_subnet.1.weight" in bn.state_dict() and "head.cls_subnet.1.4.running_var" in bn.state_dict()
+
+
+def test_warning_capture_sees_the_shared_bn_warning():
+    """Control for the no-warning assertion: a BN-named norm that is not per-level still warns."""
+
+    class SharedBN(nn.BatchNorm2d):
+        pass
+
+    cfg = retinanet_cfg("")
+    model = build_model(cfg)
+    shapes = [model.backbone.output_shape()[f] for f in model.head_in_features]
+    with RecordWarnings("detectron2.modeling.meta_arch.retinanet") as records:
+        RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[32], norm=lambda c: SharedBN(c))
+    assert any("Shared BatchNorm" in m for m in records.messages)
+
+
+def test_cycle_mabn_list_matches_one_mabn_per_level():
+    torch.manual_seed(0)
+    cycle = CycleMABNList(2, 4, buffer_size=2)
+    with torch.no_grad():
+        cycle.weight.uniform_(0.5, 1.5)
+        cycle.bias.uniform_(-0.5, 0.5)
+    refs = [MABN2d(4, buffer_size=2) for _ in range(2)]
+    for ref in refs:
+        ref.weight.data.copy_(cycle.weight.data)
+        ref.bias.data.copy_(cycle.bias.data)
+    assert set(cycle.state_dict()) == {"weight", "bias"} | {
+        f"{i}.{k}" for i in range(2) for k in ("running_mean", "running_var", "num_batches_tracked") + RING_BUFFERS
+    }
+    for _ in range(3):
+        for level in range(2):
+            x = torch.randn(2, 4, 3, 3, requires_grad=True)
+            x_ref = x.detach().clone().requires_grad_()
+            y, y_ref = cycle(x), refs[level](x_ref)
+            torch.testing.assert_close(y, y_ref)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            y_ref.backward(dy)
+            torch.testing.assert_close(x.grad, x_ref.grad)
+    for level, ref in enumerate(refs):
+        torch.testing.assert_close(cycle[level].running_var, ref.running_var)
+        torch.testing.assert_close(cycle[level].gz_buffer, ref.gz_buffer)
+
+
+# ---------------------------------------------------------------- semantic FPN, Panoptic FPN
+
+
+def test_semantic_fpn_head_uses_centralized_mabn_and_trains():
+    cfg = zoo_cfg("Misc/semantic_R_50_FPN_1x.yaml", norm="FrozenBN", small=True)
+    cfg.MODEL.FPN.NORM = ""
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "MABN"
+    model = build_model(cfg)
+    layers = of_type(model.sem_seg_head, MABN2d)
+    assert len(layers) == 1 + 1 + 2 + 3  # p2..p5 -> common stride 4: 1, 1, 2, 3 convs
+    assert {n.rpartition(".")[0] for n in layers} == set(of_type(model.sem_seg_head, CenteredConv2d))
+    assert type(model.sem_seg_head.predictor) is Conv2d
+    for name in layers:
+        assert_centralized(conv_feeding(model.sem_seg_head, name))
+    model.train()
+    with EventStorage(0):
+        losses = model(detection_batch(size=64, sem_seg=True))
+    sum(losses.values()).backward()
+    assert all(layer.iteration == 1 for layer in layers.values())
+
+
+def test_panoptic_fpn_builds_and_runs_with_mabn_sem_seg_head():
+    cfg = zoo_cfg("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml", norm="MABN", small=True)
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "MABN"
+    model = build_model(cfg)
+    assert type(model).__name__ == "PanopticFPN"
+    assert len(of_type(model.sem_seg_head, MABN2d)) == 7
+    assert len(of_type(model, CenteredConv2d)) == len(of_type(model, MABN2d))
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
+    assert {"sem_seg", "instances", "panoptic_seg"} <= set(out)

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Convert an ImageNet ResNet BatchNorm checkpoint (torchvision .pth, detectron2 or Caffe2 .pkl)
+into the layout of a detectron2 ResNet whose norms are MABN, for the *_mabn_finetune configs.
+
+What it approximates: the BN layers become MABN layers with gamma, beta and running_var kept,
+the mean set to zero and the warm-up counters reset. MABN's weight-centralized convolutions drop
+each filter's response to the local input mean, so the converted network assumes that the
+centered convolution output is zero-mean with BN's variance. It is not numerically equal to the
+BN network: it is a starting point for fine-tuning, not a drop-in replacement.
+
+  python tools/convert_pretrained.py --input resnet50-torchvision.pth --output pretrained/R-50-torchvision-mabn.pth
+"""
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from mabn_d2.convert import convert_checkpoint
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="BN checkpoint: torchvision .pth or detectron2/Caffe2 .pkl")
+    parser.add_argument("--output", required=True, help="where to write the MABN checkpoint (.pth)")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert_checkpoint(args.input, args.output)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Fold a trained MABN model into a checkpoint and config that stock detectron2 loads.
+
+  python tools/fold_mabn.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
+      --weights output/model_final.pth --output-dir output/folded [--fuse] [--export torchscript|onnx] \
+      [--verify N] [--images a.jpg b.jpg] [KEY VALUE ...]
+
+Writes OUTPUT/model_folded.pth and OUTPUT/config_folded.yaml: every NORM "MABN" becomes
+"FrozenBN" (the RetinaNet head keeps per-level statistics as "BN" when they differ by level) and
+the MABN keys are gone, so `get_cfg()`, `build_model` and `DetectionCheckpointer` load them
+without mabn_d2. --fuse also writes model_fused.pth, whose norms are folded into the convolutions:
+it matches no config and is what --export exports. --verify N compares predictions of the
+original (eval mode) and the folded model(s) on N images of DATASETS.TEST (or --images) and fails
+above the tolerances in `mabn_d2.export.TOLERANCES`. Nothing is written unless every check passes.
+"""
+import argparse
+import logging
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.utils.logger import setup_logger
+
+import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
+from mabn_d2.config import add_mabn_config
+from mabn_d2.data.builtin import register_demo_datasets
+from mabn_d2.export import EXPORT_FORMATS, TOLERANCES, ExportError, fold_checkpoint
+
+logger = logging.getLogger("mabn_d2.fold_mabn")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="config the checkpoint was trained with")
+    parser.add_argument("--weights", required=True, help="checkpoint of the MABN model")
+    parser.add_argument("--output-dir", required=True, help="folder for the folded files")
+    parser.add_argument("--fuse", action="store_true", help="also fold the norms into the convolutions")
+    parser.add_argument("--export", choices=EXPORT_FORMATS, help="also write a TorchScript or ONNX model")
+    parser.add_argument("--verify", type=int, default=0, metavar="N", help="compare predictions on N images")
+    parser.add_argument("--images", nargs="+", default=[], help="image files for --verify / --export")
+    parser.add_argument("--device", default="cpu", help="device to fold, verify and export on")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logger(name="mabn_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    try:
+        cfg = get_cfg()
+        add_mabn_config(cfg)
+        try:
+            cfg.merge_from_file(args.config_file)
+        except Exception as e:  # missing file, bad YAML, unknown keys
+            raise ExportError(f"cannot read config {args.config_file} ({e})") from e
+        cfg.merge_from_list(args.opts)
+        if (args.verify > 0 or args.export) and not args.images:
+            register_demo_datasets(cfg)
+        result = fold_checkpoint(
+            cfg, args.weights, args.output_dir, fuse=args.fuse, export=args.export, verify=args.verify,
+            images=args.images, device=args.device, config_name=f"config {args.config_file}",
+        )
+    except ExportError as e:
+        print(f"fold_mabn: error: {e}", file=sys.stderr)
+        return 1
+    print(result.report.summary())
+    if result.report.per_level_norms:
+        print("per-level norms kept per level (config_folded.yaml: MODEL.RETINANET.NORM 'BN', eval only): "
+              + ", ".join(result.report.per_level_norms))
+    for form, diff in result.verified.items():
+        print(f"verify {form} vs original: {diff} (tolerances {TOLERANCES})")
+    for fmt, how in result.exported.items():
+        print(f"export {fmt}: {how}")
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
