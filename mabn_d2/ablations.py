@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layers.functional import MABNFunction, MABNPhase, mabn_phase
-from .layers.mabn import MABN2d
+from .layers.mabn import MABN2d, _check_arguments  # same hyper-parameters, same checks
 
 __all__ = ["MABNForwardOnly2d", "MABNCentered2d", "centered_mabn_inference"]
 
@@ -127,67 +127,108 @@ class CenteredMABNFunction(torch.autograd.Function):
             r = ((var + eps).sqrt() / (running_var + eps).sqrt()).clamp(1.0 / renorm_clip, renorm_clip)
         running_mean.copy_(_keep_finite(running_mean * momentum + mean * (1.0 - momentum), running_mean))
         running_var.copy_(_keep_finite(running_var * momentum + var * (1.0 - momentum), running_var))
-
-        std = (var + eps).sqrt()
-        x_hat = (x - _channel_view(mean)) / _channel_view(std)
         scale = weight if r is None else weight * r
-        y = torch.addcmul(_channel_view(bias), x_hat, _channel_view(scale))
+        # one fused pass: (x - mean) / sqrt(var + eps) * scale + bias
+        y = torch.native_batch_norm(x, scale, bias, mean, var, False, 0.0, eps)[0]
 
-        ctx.save_for_backward(x_hat, scale, std, r)
+        ctx.save_for_backward(x, scale, mean, var, r)
         ctx.grad_mean_buffer = grad_mean_buffer
         ctx.psi_buffer = psi_buffer
         ctx.phase = phase
+        ctx.eps = eps
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x_hat, scale, std, r = ctx.saved_tensors
+        x, scale, mean, var, r = ctx.saved_tensors
         phase: MABNPhase = ctx.phase
-        slot = phase.slot
-        g = grad_out * _channel_view(scale)
-        g_mean_batch = g.mean(_DIMS)
-        psi_batch = (g * x_hat).mean(_DIMS)
+        need_input_grad = ctx.needs_input_grad[0]
+        count = x.numel() // x.shape[1]
+        # One fused pass: dy * scale / s, sum(dy * x_hat) and sum(dy), with s = sqrt(var + eps).
+        grad_scaled, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, scale, mean, var, None, None, False, ctx.eps, [need_input_grad, True, True]
+        )
+        g_mean_batch = scale * sum_dy / count  # mean(g), g = dy * scale
+        psi_batch = scale * sum_dy_xhat / count  # mean(g * x_hat)
         buffers = (ctx.grad_mean_buffer, ctx.psi_buffer)
         for buffer, value in zip(buffers, (g_mean_batch, psi_batch)):
-            buffer[slot] = _keep_finite(value.to(buffer.dtype), buffer[slot])
+            buffer[phase.slot] = _keep_finite(value.to(buffer.dtype), buffer[phase.slot])
 
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_input_grad:
             if phase.use_batch_statistics:
                 g_mean, psi = g_mean_batch, psi_batch
             else:
                 g_mean, psi = buffers[0].mean(0), buffers[1].mean(0)
-            grad_x = (g - _channel_view(g_mean) - x_hat * _channel_view(psi)) / _channel_view(std)
-        grad_weight = (grad_out * x_hat).sum(_DIMS)
-        if r is not None:
-            grad_weight = grad_weight * r
-        grad_bias = grad_out.sum(_DIMS)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 10
+            # (g - g_mean - x_hat * psi) / s  =  g / s - x * psi / s^2 + (mean * psi / s^2 - g_mean / s)
+            inv_var = 1.0 / (var + ctx.eps)
+            shift = mean * psi * inv_var - g_mean * inv_var.sqrt()
+            grad_x = grad_scaled.addcmul_(x, _channel_view(psi * inv_var), value=-1).add_(_channel_view(shift))
+        grad_weight = sum_dy_xhat if r is None else sum_dy_xhat * r
+        return (grad_x, grad_weight, sum_dy) + (None,) * 10
 
 
-class MABNCentered2d(MABN2d):
+class MABNCentered2d(nn.Module):
     """MABN that keeps the mean statistics instead of relying on weight centralization (ablation).
 
     Normalizes by moving averages of the batch mean and batch variance, and replaces g_B and
-    Psi_B in the backward by their moving averages; otherwise identical to MABN2d (buffer
-    length, warm-ups, clipped re-normalization factor r, EMA with decay `momentum`).
+    Psi_B in the backward by their moving averages; otherwise as MABN2d (buffer length,
+    warm-ups, clipped re-normalization factor r, EMA with decay `momentum`).
     At inference: gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
 
-    State beyond MABN2d's: running_mean is the EMA of the mean actually used; x2_buffer holds
-    the batch variance (the second moment of the centred input); mean_buffer and
-    grad_mean_buffer hold mu_B and g_B.
+    Deliberately not an MABN2d subclass: code that treats MABN2d as zero-mean (build-time
+    weight centralization, folding with running_mean = 0) must not apply to it.
+
+    State: running_mean / running_var (EMAs of the statistics used), num_batches_tracked, and
+    ring buffers [buffer_size, C] of mu_B (mean_buffer), sigma2_B (x2_buffer: the second moment
+    of the centred input), g_B (grad_mean_buffer) and Psi_B (gz_buffer).
     """
 
-    def __init__(self, num_features: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.register_buffer("mean_buffer", torch.zeros(self.buffer_size, num_features))
-        self.register_buffer("grad_mean_buffer", torch.zeros(self.buffer_size, num_features))
+    def __init__(
+        self,
+        num_features: int,
+        buffer_size: int = 16,
+        momentum: float = 0.98,
+        warmup_iters: int = 100,
+        renorm_warmup_iters: int = 1000,
+        renorm_clip: float = 5.0,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        _check_arguments(num_features, buffer_size, momentum, warmup_iters, renorm_warmup_iters, renorm_clip, eps)
+        self.num_features = num_features
+        self.buffer_size = buffer_size
+        self.momentum = momentum
+        self.warmup_iters = warmup_iters
+        self.renorm_warmup_iters = renorm_warmup_iters
+        self.renorm_clip = renorm_clip
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        for name in ("mean_buffer", "x2_buffer", "grad_mean_buffer", "gz_buffer"):
+            self.register_buffer(name, torch.zeros(buffer_size, num_features))
+        self._iteration = 0  # host-side mirror of num_batches_tracked
+
+    @property
+    def iteration(self) -> int:
+        return self._iteration
 
     def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        self.mean_buffer.zero_()
-        self.grad_mean_buffer.zero_()
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        for buffer in (self.mean_buffer, self.x2_buffer, self.grad_mean_buffer, self.gz_buffer):
+            buffer.zero_()
+        self._iteration = 0
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
@@ -200,4 +241,21 @@ class MABNCentered2d(MABN2d):
             x, self.weight, self.bias, self.running_mean, self.running_var, self.mean_buffer,
             self.x2_buffer, self.grad_mean_buffer, self.gz_buffer, phase, self.momentum, self.eps,
             self.renorm_clip,
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        counter = state_dict.get(prefix + "num_batches_tracked")
+        if counter is not None:
+            self._iteration = int(counter)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
+            f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
+            f"renorm_clip={self.renorm_clip}, eps={self.eps}"
         )

@@ -56,19 +56,26 @@ class TrainingStreamState:
         self.dataset = dataset
 
     def state_dict(self) -> Dict:
+        # Plain tensors and numbers only: checkpoints are read with torch.load(weights_only=True).
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        py_version, py_state, py_gauss = random.getstate()
         return {
             "data_seed": None if self.dataset is None else self.dataset.seed,
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
         }
 
     def load_state_dict(self, state: Dict) -> None:
         if self.dataset is not None and state.get("data_seed") is not None:
             self.dataset.seed = int(state["data_seed"])
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        np_state = state["numpy"]
+        np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached_gaussian"]))
+        py_state = state["python"]
+        random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss"]))
 
 
 def _reassign_norm_weight_decay(groups: List[Dict], model: torch.nn.Module, weight_decay_norm: float) -> List[Dict]:
@@ -97,6 +104,11 @@ class MABNTrainer(DefaultTrainer):
             super().__init__(cfg)
         self.checkpointer.add_checkpointable("training_stream", TrainingStreamState(self._stream_dataset))
 
+    def train(self):
+        """Train, then return the final evaluation results (DefaultTrainer drops them)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     def build_train_loader(self, cfg: CfgNode):
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -107,8 +119,10 @@ class MABNTrainer(DefaultTrainer):
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         self._stream_dataset = SeededStreamDataset(dicts, DatasetMapper(cfg, True), seed)
         self._stream_sampler = StreamPositionSampler()
+        # A loader-owned generator: creating the loader iterator must not draw from the global
+        # torch RNG, whose state a resumed run restores from the checkpoint.
         return build_detection_train_loader(
-            cfg, dataset=self._stream_dataset, sampler=self._stream_sampler, mapper=_identity
+            cfg, dataset=self._stream_dataset, sampler=self._stream_sampler, mapper=_identity, seed=seed
         )
 
     def resume_or_load(self, resume: bool = True) -> None:

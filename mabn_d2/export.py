@@ -384,7 +384,8 @@ def _tracing_adapter(model: nn.Module, image: torch.Tensor) -> TracingAdapter:
         def inference(model, inputs):
             return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
 
-    return TracingAdapter(model, [{"image": image}], inference)
+    # eval(): the ONNX exporter restores the adapter's mode afterwards, recursively.
+    return TracingAdapter(model, [{"image": image}], inference).eval()
 
 
 def export_torchscript(model: nn.Module, item: dict, path: str) -> PredictionDiff:

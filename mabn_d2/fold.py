@@ -116,20 +116,37 @@ def fold_mabn(model: nn.Module, mode: str = "frozen", strict: bool = False) -> T
     if mode not in FOLD_MODES:
         raise ValueError(f"fold_mabn: mode must be one of {FOLD_MODES}, got {mode!r}")
     _require_eval(model)
-    folded = copy.deepcopy(model)
+    # A parent for every module to be replaced, `model` itself included (a bare MABN2d).
+    root = nn.Sequential(copy.deepcopy(model))
     report = FoldReport(mode=mode)
     with torch.no_grad():
-        _fold_per_level_lists(folded, report)
+        _fold_per_level_lists(root, report)
         if mode == "fused":
-            _fuse_convs(folded, report)
-            if strict and report.unfused_norms:
-                raise ValueError(
-                    "fold_mabn(fused, strict=True): no foldable convolution before "
-                    + "; ".join(f"{name} ({why})" for name, why in report.unfused_norms.items())
-                )
-        _freeze_norms(folded, report)
-        _uncenter_convs(folded, report)
-    return folded, report
+            _fuse_convs(root, report)
+        _freeze_norms(root, report)
+        _uncenter_convs(root, report)
+    report = _without_root_prefix(report)
+    if strict and report.unfused_norms:
+        raise ValueError(
+            "fold_mabn(fused, strict=True): no foldable convolution before "
+            + "; ".join(f"{name or type(model).__name__} ({why})" for name, why in report.unfused_norms.items())
+        )
+    return root[0], report
+
+
+def _without_root_prefix(report: FoldReport) -> FoldReport:
+    def strip(name: str) -> str:
+        return "" if name == "0" else name[2:]
+
+    return FoldReport(
+        mode=report.mode,
+        frozen_norms=[strip(n) for n in report.frozen_norms],
+        plain_convs=[strip(n) for n in report.plain_convs],
+        fused_convs=[strip(n) for n in report.fused_convs],
+        per_level_norms=[strip(n) for n in report.per_level_norms],
+        collapsed_norms=[strip(n) for n in report.collapsed_norms],
+        unfused_norms={strip(n): why for n, why in report.unfused_norms.items()},
+    )
 
 
 def _require_eval(model: nn.Module) -> None:
@@ -154,12 +171,12 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
     for module in root.modules():
         for key, value in list(vars(module).items()):
-            if key.startswith("_") and key in ("_modules", "_parameters", "_buffers"):
+            if key in ("_modules", "_parameters", "_buffers"):
                 continue
             if isinstance(value, list):
                 value[:] = [new if item is old else item for item in value]
-            elif isinstance(value, tuple) and any(item is old for item in value):
-                object.__setattr__(module, key, type(value)(new if item is old else item for item in value))
+            elif type(value) is tuple and any(item is old for item in value):
+                object.__setattr__(module, key, tuple(new if item is old else item for item in value))
             elif isinstance(value, dict):
                 for k, item in value.items():
                     if item is old:
@@ -167,7 +184,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _frozen_bn(norm: MABN2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps).to(norm.weight.device)
+    frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
+    frozen.to(device=norm.running_var.device, dtype=norm.running_var.dtype)
     frozen.weight.copy_(norm.weight)
     frozen.bias.copy_(norm.bias)
     frozen.running_mean.zero_()
@@ -259,7 +277,7 @@ def _cycle_list(levels: nn.ModuleList) -> CycleBatchNormList:
             "CycleBatchNormList form (it shares one affine across levels)"
         )
     cycle = CycleBatchNormList(len(levels), num_features=first.num_features, eps=first.eps)
-    cycle.to(first.weight.device)
+    cycle.to(device=first.running_var.device, dtype=first.running_var.dtype)
     weight = shared_w if shared_w is not None else first.weight
     bias = shared_b if shared_b is not None else first.bias
     cycle.weight.requires_grad_(False).copy_(weight)

@@ -25,7 +25,6 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.layers import batch_norm as _d2_batch_norm
@@ -278,7 +277,10 @@ def _rebind_everywhere(pairs: List[Tuple[Callable, Callable]]) -> None:
         for name, value in list(namespace.items()):
             pair = hooks.get(id(value))
             if pair is not None and pair[0] is value:
-                setattr(module, name, pair[1])
+                try:
+                    setattr(module, name, pair[1])
+                except (AttributeError, TypeError):  # a read-only module proxy: nothing to rebind
+                    logger.debug(f"Could not rebind {name} in {module!r}")
 
 
 def register_norms() -> None:

@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from .ablations import MABNCentered2d
 from .layers import BatchRenorm2d, MABN2d
 
 __all__ = [
@@ -32,7 +33,7 @@ _MOVING_AVERAGE_BUFFERS = {
     "grad_mean_buffer": "g_sma",
 }
 _BACKWARD_STATISTICS = ("g_B", "Psi_B", "psi_sma", "g_sma")
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d, MABNCentered2d)
 _DIMS = (0, 2, 3)
 
 

@@ -34,13 +34,13 @@ from .layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from .stats import BatchStatsRecorder
 
 __all__ = [
-    "NORMS", "NormSpec", "StudyConfig", "SmallResNet", "build_model", "load_data", "lr_at",
-    "sgd_step", "evaluate", "train_run", "run_study", "summarize", "write_results_markdown",
-    "plot_accuracy_curves", "environment_info", "record_batch_statistics",
+    "NORMS", "NormSpec", "StudyConfig", "norm_label", "SmallResNet", "conv_norm", "build_model", "load_data",
+    "batch_indices", "lr_at", "make_optimizer", "sgd_step", "evaluate", "run_paths", "train_run",
+    "record_batch_statistics", "run_study", "summarize", "write_results_markdown", "plot_accuracy_curves",
+    "environment_info",
 ]
 
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-TRAIN_IMAGES = 60_000
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the training split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +120,29 @@ def norm_label(name: str, config: StudyConfig) -> str:
 
 
 # --------------------------------------------------------------------------- model
+def conv_norm(conv: type, in_channels: int, out_channels: int, kernel_size: int, norm: nn.Module,
+              stride: int = 1) -> Conv2d:
+    """A bias-free conv of class `conv` followed by `norm` (detectron2 style: the norm is `conv.norm`).
+
+    The norm is attached after construction so the conv class is exactly the one asked for:
+    importing mabn_d2 makes any detectron2 Conv2d *built* with an MABN norm centralize itself,
+    and the ablations here need plain convs in front of MABN-style layers.
+    """
+    layer = conv(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+    layer.norm = norm
+    return layer
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block; the norm sits inside each conv (detectron2 style), ReLU in place."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, conv, norm):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, conv: type, norm: Callable[[int], nn.Module]):
         super().__init__()
-        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, norm=norm(out_channels))
-        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False, norm=norm(out_channels))
+        self.conv1 = conv_norm(conv, in_channels, out_channels, 3, norm(out_channels), stride)
+        self.conv2 = conv_norm(conv, out_channels, out_channels, 3, norm(out_channels))
         self.shortcut = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = conv(in_channels, out_channels, 1, stride=stride, bias=False, norm=norm(out_channels))
+            self.shortcut = conv_norm(conv, in_channels, out_channels, 1, norm(out_channels), stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(F.relu_(self.conv1(x)))
@@ -139,11 +152,10 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """ResNet for 28x28 grey images: 3x3 stem, len(widths) stages of basic blocks, avg-pool, linear."""
 
-    def __init__(self, norm: Callable[[int], nn.Module], conv=Conv2d, stem_conv=None,
+    def __init__(self, norm: Callable[[int], nn.Module], conv: type = Conv2d, stem_conv: Optional[type] = None,
                  widths: Sequence[int] = (16, 32, 64), blocks_per_stage: int = 2, num_classes: int = 10):
         super().__init__()
-        stem_conv = stem_conv or conv
-        self.stem = stem_conv(1, widths[0], 3, padding=1, bias=False, norm=norm(widths[0]))
+        self.stem = conv_norm(stem_conv or conv, 1, widths[0], 3, norm(widths[0]))
         stages, channels = [], widths[0]
         for i, width in enumerate(widths):
             blocks = []
@@ -359,7 +371,7 @@ def train_run(norm: str, seed: int, config: StudyConfig, output_dir: Path, threa
     _write_json(final_path, result)
     ckpt_path.unlink(missing_ok=True)
     log(f"[{norm} seed {seed}] done: test accuracy {final_accuracy:.2f}% in {state['wall_seconds']:.0f} s")
-    return result
+    return json.loads(final_path.read_text())  # the same form a skipped run returns
 
 
 def _check_same_config(found: dict, expected: dict, path: Path) -> None:
@@ -419,16 +431,20 @@ def run_study(config: StudyConfig, norms: Sequence[str], seeds: Sequence[int], o
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             futures = [pool.submit(_train_in_worker, n, s, config, str(output_dir), threads) for n, s in runs]
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # finish the runs in progress, start no new ones
+                raise
     results = [json.loads(run_paths(output_dir, n, s)[0].read_text()) for n in norms for s in seeds]
     summary = summarize(results, norms, config)
     summary.update(environment_info())
     summary.update({"study_wall_seconds": time.perf_counter() - started, "threads": threads, "jobs": jobs,
                     "seeds": list(seeds)})
+    summary["plotted"] = plot_accuracy_curves(results, norms, output_dir / "accuracy_curves.png")
     _write_json(output_dir / "results.json", summary)
     write_results_markdown(summary, output_dir / "results.md")
-    plot_accuracy_curves(results, norms, output_dir / "accuracy_curves.png")
     log(f"wrote {output_dir / 'results.md'}")
     return summary
 
@@ -490,14 +506,18 @@ def write_results_markdown(summary: dict, path: Path) -> None:
     _atomic_write_bytes(Path(path), lambda p: p.write_text("\n".join(lines)))
 
 
-def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) -> None:
-    """Curve-subset test accuracy against epochs, mean over seeds per norm (band: min to max)."""
+def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) -> List[str]:
+    """Curve-subset test accuracy against epochs, mean over seeds per norm (band: min to max).
+
+    Returns the legend labels drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = []
     for norm in norms:
         runs = [r for r in results if r["norm"] == norm]
         length = min(len(r["history"]) for r in runs)
@@ -506,6 +526,7 @@ def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) 
         epochs = [h["epoch"] for h in runs[0]["history"][:length]]
         curves = np.array([[h["curve_test_accuracy"] for h in r["history"][:length]] for r in runs])
         line, = ax.plot(epochs, curves.mean(0), marker="o", ms=3, label=f"{runs[0]['label']} (n={len(runs)})")
+        drawn.append(line.get_label())
         ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test accuracy (%) on {results[0]['curve_test_images']} test images")
@@ -514,3 +535,4 @@ def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) 
     fig.tight_layout()
     _atomic_write_bytes(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
+    return drawn

@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo_datasets_dir(tmp_path_factory):
+    """A session-wide $DETECTRON2_DATASETS so demo datasets are built once per test run."""
+    path = str(tmp_path_factory.mktemp("detectron2_datasets"))
+    previous = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = previous
