@@ -6,6 +6,7 @@ unreadable or does not match the config, a config without MABN, predictions that
 files appear at once or not at all (`staged_output_dir`).
 """
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from .fold import FoldReport, fold_mabn
 
 __all__ = [
     "EXPORT_FORMATS",
+    "ONNXRUNTIME_TOLERANCES",
     "ExportError",
     "FoldResult",
     "PredictionDiff",
@@ -54,13 +56,17 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 # Norm names stock detectron2's get_norm knows (detectron2/layers/batch_norm.py).
 STOCK_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 # Largest max-abs differences accepted between the eval-mode MABN model and a folded form.
-# The frozen form runs the same ops on the same numbers (measured difference: exactly 0). The
-# fused form rounds each folded weight once in float32 (relative 6e-8), which through ~60 layers
-# gives relative output errors of ~1e-6: boxes drift by ~1e-4 px at 800 px, scores and mask
-# probabilities by ~1e-6. The bounds leave a 10x margin over that.
-TOLERANCES = {"boxes": 1e-3, "scores": 1e-4, "masks": 1e-4}
-# ONNX Runtime reorders float32 reductions and uses its own conv kernels: looser bounds.
-ONNXRUNTIME_TOLERANCES = {"boxes": 1e-2, "scores": 1e-3, "masks": 1e-3}
+# The frozen form runs the same ops on the same numbers: measured difference exactly 0. The fused
+# form rounds each folded weight once in float32 and ~70 layers compound it. Measured on Mask
+# R-CNN R50-FPN at 800x1333 (box coordinates up to 1333 px, where float32 resolves 1.2e-4 px):
+# 4.9e-4 px, scores 1.5e-6, mask probabilities 9e-7 with MABN statistics matched to the data
+# (as training leaves them); 1.3e-2 px, 2.2e-5, 3.4e-5 with statistics 2x off, which inflates the
+# activations. The bounds sit above the worse case, and far below what any folding mistake
+# gives (a missed centering or affine moves boxes by pixels and scores by 1e-2 and more);
+# 0.05 px is invisible to IoU-based evaluation.
+TOLERANCES = {"boxes": 5e-2, "scores": 1e-4, "masks": 1e-4}
+# ONNX Runtime uses its own conv kernels and reduction order: looser bounds on probabilities.
+ONNXRUNTIME_TOLERANCES = {"boxes": 5e-2, "scores": 1e-3, "masks": 1e-3}
 
 
 class ExportError(RuntimeError):
@@ -421,15 +427,36 @@ def export_onnx(model: nn.Module, item: dict, path: str, opset: int = 16) -> Tup
     adapter = _tracing_adapter(model, item["image"])
     exporter = "dynamo"
     try:
-        _atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=True))
+        with _quiet_dynamo_export():
+            _atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=True))
     except Exception as e:  # noqa: BLE001  (any failure of the new exporter means: use the old one)
-        first_line = str(e).splitlines()[0] if str(e) else ""
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first_line = (str(root).strip().splitlines() or [""])[0]
         logger.info("dynamo ONNX export failed (%s: %s); using the TorchScript-based exporter",
-                    type(e).__name__, first_line)
+                    type(root).__name__, first_line)
         exporter = "torchscript"
         _atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=False))
     onnx.checker.check_model(path)
     return exporter, _onnxruntime_diff(adapter, item["image"], path)
+
+
+@contextlib.contextmanager
+def _quiet_dynamo_export() -> Iterator[None]:
+    """Silence the progress lines and the partial graph torch.export prints when it gives up
+    on a data-dependent branch; the failure itself is logged by the caller."""
+    names = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo", "torch.onnx")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _onnx_export(adapter: TracingAdapter, image: torch.Tensor, f, opset: int, dynamo: bool) -> None:
@@ -524,6 +551,8 @@ def fold_checkpoint(
             diff = compare_predictions(reference, raw_predictions(form, inputs[:verify]))
             result.verified[name] = diff
             logger.info("%s vs original: %s", name, diff)
+            if diff.detections == 0 and not diff.mismatches:
+                logger.warning("no detections on the verification images: only their absence was compared")
             problems = diff.exceeded(tolerances)
             if problems:
                 raise ExportError(f"the {name} model does not reproduce the original: {'; '.join(problems)} ({diff})")

@@ -9,8 +9,8 @@ Two forms:
 
 * ``"frozen"``: every ``MABN2d`` becomes detectron2's ``FrozenBatchNorm2d`` (running_mean 0)
   and every ``CenteredConv2d`` a detectron2 ``Conv2d`` holding the centered weight. The
-  state_dict loads into a stock model built with NORM "FrozenBN" and gives the same outputs
-  bit for bit (the same ops run on the same numbers).
+  state_dict loads into a stock model built with NORM "FrozenBN" and, under torch.no_grad,
+  gives the same outputs bit for bit (the same ops run on the same numbers).
 * ``"fused"``: the affine also goes into the weight and bias of the convolution feeding it, so
   the norm costs nothing (export and deployment; not loadable into a stock config).
 
@@ -81,10 +81,6 @@ class FoldReport:
     per_level_norms: List[str] = field(default_factory=list)  # kept per level (CycleBatchNormList)
     collapsed_norms: List[str] = field(default_factory=list)  # per-level list -> one FrozenBatchNorm2d
     unfused_norms: Dict[str, str] = field(default_factory=dict)  # fused mode: name -> why not fused
-
-    @property
-    def num_mabn_layers(self) -> int:
-        return len(self.frozen_norms) + len(self.fused_convs)
 
     def summary(self) -> str:
         parts = [

@@ -25,7 +25,7 @@ fi
 echo "[setup] installing detectron2's runtime dependencies"
 "${PIP[@]}" "numpy<2" "setuptools<80" Pillow matplotlib pycocotools termcolor yacs tabulate \
   cloudpickle tqdm tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging \
-  fvcore iopath "opencv-python-headless<4.11" pytest onnx onnxscript imgviz==2.1.0
+  fvcore iopath "opencv-python-headless<4.11" pytest onnx onnxscript onnxruntime imgviz==2.1.0
 
 if "$PY" -c "import detectron2.modeling" 2>/dev/null; then
   echo "[setup] keeping the detectron2 already importable: $("$PY" -c 'import detectron2,os;print(os.path.dirname(detectron2.__file__))')"
