@@ -18,8 +18,10 @@ from .layers import BatchRenorm2d, MABN2d
 
 __all__ = [
     "BATCH_STATISTICS",
+    "NORM_TYPES",
     "BatchStatsRecorder",
     "moving_average",
+    "absolute_fluctuation",
     "relative_fluctuation",
     "plot_batch_statistics",
 ]
@@ -33,6 +35,7 @@ _MOVING_AVERAGE_BUFFERS = {
     "grad_mean_buffer": "g_sma",
 }
 _BACKWARD_STATISTICS = ("g_B", "Psi_B", "psi_sma", "g_sma")
+# Layers recorded when no names are given (BatchNorm covers detectron2's NaiveSyncBatchNorm).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d, MABNCentered2d)
 _DIMS = (0, 2, 3)
 
@@ -192,6 +195,19 @@ def moving_average(series: torch.Tensor, window: int = 16) -> torch.Tensor:
     return ((cumsum - shifted) / counts).to(series.dtype)
 
 
+def absolute_fluctuation(series: torch.Tensor, window: int = 16) -> float:
+    """mean_{t, c} |s[t, c] - SMA[t, c]| over full windows, in the statistic's own units.
+
+    The numerator of `relative_fluctuation`. For statistics that fluctuate around zero (g_B,
+    Psi_B) the relative value barely depends on the noise level, since |SMA| grows with it;
+    comparing this absolute value between runs (e.g. BN(2) / BN(32)) shows the difference.
+    """
+    if series.shape[0] < window:
+        raise ValueError(f"need at least {window} iterations, got {series.shape[0]}")
+    s = series.double()
+    return float((s[window - 1:] - moving_average(s, window)[window - 1:]).abs().mean())
+
+
 def relative_fluctuation(series: torch.Tensor, window: int = 16) -> float:
     """How far a statistic strays from its own moving average, relative to that average's size.
 
@@ -201,15 +217,13 @@ def relative_fluctuation(series: torch.Tensor, window: int = 16) -> float:
     windows (t >= window - 1). `series` is [iterations] or [iterations, channels] and must be
     finite. 0 means the statistic equals its moving average; ~1 means its deviations are as
     large as the average itself. Statistics whose average is near zero (mu_B after a centred
-    convolution, g_B) give large values by construction, so compare a statistic across
-    settings (BN(2) vs BN(32)), not different statistics.
+    convolution, g_B, Psi_B) give large values by construction, and for pure noise around zero
+    the ratio does not depend on the noise level: compare those with `absolute_fluctuation`.
     """
     if series.shape[0] < window:
         raise ValueError(f"need at least {window} iterations, got {series.shape[0]}")
-    s = series.double()
-    sma = moving_average(s, window)[window - 1:]
-    s = s[window - 1:]
-    return float((s - sma).abs().mean() / sma.abs().mean())
+    sma = moving_average(series.double(), window)[window - 1:]
+    return absolute_fluctuation(series, window) / float(sma.abs().mean())
 
 
 def plot_batch_statistics(

@@ -9,6 +9,22 @@ which is the same computation as 16 micro-batches of 2.
 Runs are resumable: each (norm, seed) writes `<norm>_seed<seed>.json` when done and is
 skipped afterwards; a partial run resumes from `<norm>_seed<seed>.ckpt.pt`. All files are
 written to a temporary name and moved into place.
+
+Sizing of the default (2-core AMD EPYC VM, torch 2.14 CPU, idle machine). Time per SGD
+iteration of 32 images with 1 torch thread: BN(32) 34 ms, GN 29, BN(2) 70, BRN(2) 119,
+MABN(2) 102, MABN(2) SMA fwd only 100, MABN(2) no CW 123 (sum 576 ms). Two threads barely help
+the micro-batched runs (BN(2) 60 ms, MABN(2) 93 ms: 16 small forwards are dispatch-bound) and
+are much slower when the other core is busy; two 1-thread processes run at ~95% of the
+single-process speed each. Hence 2 jobs x 1 thread: 3 seeds x 576 ms / (2 x 0.95) = 0.91 s per
+iteration index, so 3 epochs (5,625 iterations) take ~85 min of training plus ~5 min of
+evaluation (10 curve points on 2,000 test images and a final full 10k evaluation per run):
+about 1.5 h for 7 norms x 3 seeds. Any other load on the machine slows this down roughly in
+proportion.
+
+MABN's warm-ups count norm forwards, i.e. micro-batches (16 per SGD iteration): with the
+paper's defaults the moving averages start at SGD iteration 7 and re-normalization at 63,
+out of 5,625, which is about the proportion of the paper's schedules; BRN's warm-up (5,000)
+and ramps (20,000 / 35,000 forwards) end at SGD iterations 313, 1,250 and 2,188.
 """
 import concurrent.futures
 import dataclasses
@@ -83,7 +99,7 @@ class NormSpec:
     build: Callable[[int, StudyConfig], nn.Module]
     centered_conv: bool = False
     micro_batched: bool = True
-    cost: float = 1.0  # relative time per SGD iteration, measured; longest runs start first
+    cost: float = 1.0  # measured time per SGD iteration relative to BN(2); longest runs start first
 
 
 def _mabn_kwargs(config: StudyConfig) -> dict:
@@ -98,15 +114,16 @@ def _group_norm(channels: int, config: StudyConfig) -> nn.Module:
 
 
 NORMS: Dict[str, NormSpec] = {
-    "bn32": NormSpec("BN(32)", lambda c, cfg: nn.BatchNorm2d(c), micro_batched=False, cost=0.4),
+    "bn32": NormSpec("BN(32)", lambda c, cfg: nn.BatchNorm2d(c), micro_batched=False, cost=0.48),
     "bn2": NormSpec("BN(2)", lambda c, cfg: nn.BatchNorm2d(c), cost=1.0),
-    "brn2": NormSpec("BRN(2)", lambda c, cfg: BatchRenorm2d(c), cost=1.7),
-    "gn": NormSpec("GN", _group_norm, micro_batched=False, cost=0.3),
-    "mabn2": NormSpec("MABN(2)", lambda c, cfg: MABN2d(c, **_mabn_kwargs(cfg)), centered_conv=True, cost=1.4),
+    "brn2": NormSpec("BRN(2)", lambda c, cfg: BatchRenorm2d(c), cost=1.68),
+    "gn": NormSpec("GN", _group_norm, micro_batched=False, cost=0.42),
+    "mabn2": NormSpec("MABN(2)", lambda c, cfg: MABN2d(c, **_mabn_kwargs(cfg)), centered_conv=True, cost=1.45),
     "mabn2_fwd_only": NormSpec(
-        "MABN(2) SMA fwd only", lambda c, cfg: MABNForwardOnly2d(c, **_mabn_kwargs(cfg)), centered_conv=True, cost=1.4
+        "MABN(2) SMA fwd only", lambda c, cfg: MABNForwardOnly2d(c, **_mabn_kwargs(cfg)),
+        centered_conv=True, cost=1.41,
     ),
-    "mabn2_no_cw": NormSpec("MABN(2) no CW", lambda c, cfg: MABNCentered2d(c, **_mabn_kwargs(cfg)), cost=1.9),
+    "mabn2_no_cw": NormSpec("MABN(2) no CW", lambda c, cfg: MABNCentered2d(c, **_mabn_kwargs(cfg)), cost=1.75),
 }
 
 
@@ -136,7 +153,8 @@ def conv_norm(conv: type, in_channels: int, out_channels: int, kernel_size: int,
 class BasicBlock(nn.Module):
     """ResNet basic block; the norm sits inside each conv (detectron2 style), ReLU in place."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, conv: type, norm: Callable[[int], nn.Module]):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, conv: type,
+                 norm: Callable[[int], nn.Module]):
         super().__init__()
         self.conv1 = conv_norm(conv, in_channels, out_channels, 3, norm(out_channels), stride)
         self.conv2 = conv_norm(conv, out_channels, out_channels, 3, norm(out_channels))
@@ -301,33 +319,24 @@ def train_run(norm: str, seed: int, config: StudyConfig, output_dir: Path, threa
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final_path, ckpt_path = run_paths(output_dir, norm, seed)
-    config_dict = dataclasses.asdict(config)
     if final_path.exists():
         done = json.loads(final_path.read_text())
-        _check_same_config(done["config"], config_dict, final_path)
+        _check_same_config(done["config"], dataclasses.asdict(config), final_path)
         return done
     if threads is not None:
         torch.set_num_threads(threads)
-    spec = NORMS[norm]
     data = load_data(config)
     train_x, train_y = data["train"]
     total_iters = config.total_iters(len(train_y))
-    eval_points = sorted({max(1, round(k * total_iters / max(1, config.evals))) for k in range(1, config.evals + 1)})
+    eval_points = {round(k * total_iters / config.evals) for k in range(1, config.evals + 1)} | {total_iters}
     torch.manual_seed(seed)
-    model = build_model(norm, config)
+    model = build_model(norm, config).train()
     optimizer = make_optimizer(model, config)
-    state = {"iteration": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "diverged": False}
-    if ckpt_path.exists():
-        checkpoint = torch.load(ckpt_path, weights_only=False)
-        _check_same_config(checkpoint["config"], config_dict, ckpt_path)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
+    state = _load_checkpoint(ckpt_path, config, model, optimizer)
+    if state["iteration"]:
         log(f"[{norm} seed {seed}] resuming at iteration {state['iteration']}/{total_iters}")
-    model.train()
-    micro_batch = config.norm_batch if spec.micro_batched else None
-    started = time.perf_counter()
-    interval_loss, interval_steps = 0.0, 0
+    micro_batch = config.norm_batch if NORMS[norm].micro_batched else None
+    started, losses = time.perf_counter(), []
     while state["iteration"] < total_iters and not state["diverged"]:
         it = state["iteration"]
         lr = lr_at(it, total_iters, config)
@@ -335,43 +344,57 @@ def train_run(norm: str, seed: int, config: StudyConfig, output_dir: Path, threa
             group["lr"] = lr
         index = batch_indices(it, seed, len(train_y), config.batch_size)
         t0 = time.perf_counter()
-        loss = sgd_step(model, optimizer, train_x[index], train_y[index], micro_batch)
+        losses.append(sgd_step(model, optimizer, train_x[index], train_y[index], micro_batch))
         state["train_seconds"] += time.perf_counter() - t0
         state["iteration"] = it + 1
-        interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
-        state["diverged"] = not math.isfinite(loss)
-        if state["iteration"] in eval_points or state["diverged"]:
-            accuracy = evaluate(model, *data["curve"])
-            state["history"].append({
-                "iteration": state["iteration"], "epoch": state["iteration"] * config.batch_size / len(train_y),
-                "lr": lr, "train_loss": interval_loss / interval_steps, "curve_test_accuracy": accuracy,
-                "train_seconds": state["train_seconds"],
-            })
-            log(f"[{norm} seed {seed}] it {state['iteration']}/{total_iters} loss {interval_loss / interval_steps:.4f} "
-                f"curve acc {accuracy:.2f}% ({state['train_seconds'] / state['iteration'] * 1000:.0f} ms/it)")
-            interval_loss, interval_steps = 0.0, 0
-            state["wall_seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            checkpoint = {"config": config_dict, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "state": state}
-            _atomic_write_bytes(ckpt_path, lambda p: torch.save(checkpoint, p))
-            if stop_after is not None and state["iteration"] >= stop_after and state["iteration"] < total_iters:
-                return None
+        state["diverged"] = not math.isfinite(losses[-1])
+        if state["iteration"] not in eval_points and not state["diverged"]:
+            continue
+        entry = {"iteration": state["iteration"], "epoch": state["iteration"] * config.batch_size / len(train_y),
+                 "lr": lr, "train_loss": statistics.fmean(losses),
+                 "curve_test_accuracy": evaluate(model, *data["curve"]), "train_seconds": state["train_seconds"]}
+        state["history"].append(entry)
+        ms_per_iteration = state["train_seconds"] / entry["iteration"] * 1e3
+        log(f"[{norm} seed {seed}] it {entry['iteration']}/{total_iters} loss {entry['train_loss']:.4f} "
+            f"curve acc {entry['curve_test_accuracy']:.2f}% ({ms_per_iteration:.0f} ms/it)")
+        now = time.perf_counter()
+        state["wall_seconds"] += now - started
+        started, losses = now, []
+        _save_checkpoint(ckpt_path, config, model, optimizer, state)
+        if stop_after is not None and stop_after <= state["iteration"] < total_iters:
+            return None
     final_accuracy = evaluate(model, *data["test"])
     state["wall_seconds"] += time.perf_counter() - started
-    result = {
-        "norm": norm, "label": norm_label(norm, config), "seed": seed, "config": config_dict,
+    _write_json(final_path, {
+        "norm": norm, "label": norm_label(norm, config), "seed": seed, "config": dataclasses.asdict(config),
         "iterations": state["iteration"], "total_iters": total_iters, "diverged": state["diverged"],
         "final_test_accuracy": final_accuracy, "test_images": len(data["test"][1]),
         "curve_test_images": len(data["curve"][1]), "history": state["history"],
         "train_seconds": state["train_seconds"],
         "seconds_per_iteration": state["train_seconds"] / max(1, state["iteration"]),
         "wall_seconds": state["wall_seconds"], "threads": torch.get_num_threads(), **environment_info(),
-    }
-    _write_json(final_path, result)
+    })
     ckpt_path.unlink(missing_ok=True)
     log(f"[{norm} seed {seed}] done: test accuracy {final_accuracy:.2f}% in {state['wall_seconds']:.0f} s")
     return json.loads(final_path.read_text())  # the same form a skipped run returns
+
+
+def _save_checkpoint(path: Path, config: StudyConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     state: dict) -> None:
+    checkpoint = {"config": dataclasses.asdict(config), "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "state": state}
+    _atomic_write_bytes(path, lambda p: torch.save(checkpoint, p))
+
+
+def _load_checkpoint(path: Path, config: StudyConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restores model and optimizer from `path` if it exists; returns the run state (fresh if none)."""
+    if not path.exists():
+        return {"iteration": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "diverged": False}
+    checkpoint = torch.load(path, weights_only=False)
+    _check_same_config(checkpoint["config"], dataclasses.asdict(config), path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["state"]
 
 
 def _check_same_config(found: dict, expected: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from mabn_d2.ablations import MABNCentered2d
 from mabn_d2.layers import CenteredConv2d, MABN2d
-from mabn_d2.stats import BatchStatsRecorder, moving_average, relative_fluctuation
+from mabn_d2.stats import BatchStatsRecorder, absolute_fluctuation, moving_average, relative_fluctuation
 
 DIMS = (0, 2, 3)
 
@@ -159,5 +159,7 @@ def test_moving_average_and_relative_fluctuation():
     assert relative_fluctuation(torch.full((20,), 3.0), window=5) == 0.0
     alternating = 10.0 + torch.tensor([1.0, -1.0] * 10)  # SMA over 2 is exactly 10
     assert relative_fluctuation(alternating, window=2) == pytest.approx(0.1)
+    assert absolute_fluctuation(alternating, window=2) == pytest.approx(1.0)
+    assert absolute_fluctuation(3 * alternating, window=2) == pytest.approx(3.0)
     with pytest.raises(ValueError):
         relative_fluctuation(torch.ones(3), window=4)

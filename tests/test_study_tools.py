@@ -24,6 +24,16 @@ TINY = StudyConfig(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the study runs: on a busy 2-core machine two threads spin-wait and
+    tiny micro-batch steps get many times slower. The tools also set it; restore it after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -136,12 +146,12 @@ def test_plot_batch_stats_quick(tmp_path):
     assert tool.main(["--quick", "--with-mabn", "--output-dir", str(tmp_path)]) == 0
     png = tmp_path / "batch_stats_stages_0_0_conv1_norm.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fluctuation = json.loads((tmp_path / "relative_fluctuation.json").read_text())
+    fluctuation = json.loads((tmp_path / "fluctuation.json").read_text())
     assert set(fluctuation) == {"BN(2)", "BN(32)", "MABN(2)"}
     for per_layer in fluctuation.values():
         values = per_layer["stages.0.0.conv1.norm"]
         assert set(values) == {"mu_B", "sigma2_B", "g_B", "Psi_B"}
-        assert all(v >= 0 and v == v for v in values.values())
+        assert all(0 <= v[kind] < float("inf") for v in values.values() for kind in ("relative", "absolute"))
     recorded = torch.load(tmp_path / "batch_stats.pt")
     assert recorded["bn2"]["layers"]["stages.0.0.conv1.norm"]["Psi_B"].shape[0] == 16 * 30
     assert recorded["bn32"]["layers"]["stages.0.0.conv1.norm"]["Psi_B"].shape[0] == 30

@@ -5,10 +5,12 @@
 
 Trains the small-batch study's ResNet on Fashion-MNIST once per norm, records mu_B, sigma2_B
 (forward) and g_B, Psi_B (backward) of the chosen layers at every norm forward, draws one
-column per norm, and prints each statistic's relative fluctuation around its moving average
-(mabn_d2.stats.relative_fluctuation) over the second half of training, where the weights
-drift less. The moving average spans `--window` norm forwards: one SGD step of micro-batches
-at normalization batch 2, but 16 SGD steps at batch 32, so at 32 it also absorbs weight drift.
+column per norm, and prints each statistic's fluctuation around its moving average
+(mabn_d2.stats.relative_fluctuation, and absolute_fluctuation as a ratio to BN(32): g_B and
+Psi_B hover around zero, where only the absolute value tells noise levels apart) over the
+second half of training, where the weights drift less. The moving average spans `--window`
+norm forwards: one SGD step of micro-batches at normalization batch 2, but 16 SGD steps at
+batch 32, so at 32 it also absorbs weight drift.
 """
 import argparse
 import dataclasses
@@ -19,16 +21,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from mabn_d2.stats import BATCH_STATISTICS, plot_batch_statistics, relative_fluctuation
+from mabn_d2.stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
 from mabn_d2.study import NORMS, StudyConfig, norm_label, record_batch_statistics
 
 DEFAULT_LAYER = "stages.0.0.conv1.norm"  # first conv of the first block, like the paper's layer1.0.bn1
 
 
-def second_half_fluctuation(series: torch.Tensor, window: int) -> float:
-    """relative_fluctuation over the second half of the records (at least one window)."""
+def second_half_fluctuation(series: torch.Tensor, window: int) -> dict:
+    """Relative and absolute fluctuation over the second half of the records (at least one window)."""
     start = min(series.shape[0] // 2, max(0, series.shape[0] - window))
-    return relative_fluctuation(series[start:], window)
+    tail = series[start:]
+    return {"relative": relative_fluctuation(tail, window), "absolute": absolute_fluctuation(tail, window)}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -43,7 +46,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=16, help="moving-average window (norm forwards)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribe a busy 2-core CPU)")
     return parser.parse_args(argv)
 
 
@@ -69,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for layer in layers
         }
     torch.save(recorded, output_dir / "batch_stats.pt")
-    (output_dir / "relative_fluctuation.json").write_text(json.dumps(fluctuation, indent=1))
+    (output_dir / "fluctuation.json").write_text(json.dumps(fluctuation, indent=1))
     for layer in layers:
         runs = {recorded[n]["label"]: (recorded[n]["images"], recorded[n]["layers"][layer]) for n in norms}
         path = output_dir / f"batch_stats_{layer.replace('.', '_')}.png"
@@ -77,12 +80,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               title=f"{layer}, channel {args.channel}, {iters} SGD iterations of batch 32")
         print(f"wrote {path}")
 
-    print(f"relative fluctuation around the SMA over {args.window} norm forwards, second half of training "
-          "(mean |s - SMA| / mean |SMA|, all channels):")
-    print(f"{'norm':>10} {'layer':>24} " + " ".join(f"{s:>9}" for s in BATCH_STATISTICS))
-    for label, per_layer in fluctuation.items():
-        for layer, values in per_layer.items():
-            print(f"{label:>10} {layer:>24} " + " ".join(f"{values[s]:9.3f}" for s in BATCH_STATISTICS))
+    reference = norm_label("bn32", config) if "bn32" in norms else next(iter(fluctuation))
+    print(f"fluctuation around the SMA over {args.window} norm forwards, second half of training, all channels")
+    for kind, title in (("relative", "relative: mean |s - SMA| / mean |SMA|"),
+                        ("absolute", f"absolute mean |s - SMA|, divided by {reference}'s")):
+        print(title)
+        print(f"{'norm':>10} {'layer':>24} " + " ".join(f"{s:>9}" for s in BATCH_STATISTICS))
+        for label, per_layer in fluctuation.items():
+            for layer, values in per_layer.items():
+                row = [values[s][kind] / (fluctuation[reference][layer][s][kind] if kind == "absolute" else 1.0)
+                       for s in BATCH_STATISTICS]
+                print(f"{label:>10} {layer:>24} " + " ".join(f"{v:9.3f}" for v in row))
     return 0
 
 
