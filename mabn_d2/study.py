@@ -16,14 +16,14 @@ MABN(2) 102, MABN(2) SMA fwd only 100, MABN(2) no CW 123 (sum 576 ms). Two threa
 the micro-batched runs (BN(2) 60 ms, MABN(2) 93 ms: 16 small forwards are dispatch-bound) and
 are much slower when the other core is busy; two 1-thread processes run at ~95% of the
 single-process speed each. Hence 2 jobs x 1 thread: 3 seeds x 576 ms / (2 x 0.95) = 0.91 s per
-iteration index, so 3 epochs (5,625 iterations) take ~85 min of training plus ~5 min of
-evaluation (10 curve points on 2,000 test images and a final full 10k evaluation per run):
-about 1.5 h for 7 norms x 3 seeds. Any other load on the machine slows this down roughly in
-proportion.
+iteration index, so the default 2 epochs (3,750 iterations) take ~57 min of training plus
+~5 min of evaluation (10 curve points on 2,000 test images and a final full 10k evaluation per
+run): about 1 h for 7 norms x 3 seeds, leaving room under 2 h for a busier machine. Any other
+load on the machine slows this down roughly in proportion.
 
 MABN's warm-ups count norm forwards, i.e. micro-batches (16 per SGD iteration): with the
 paper's defaults the moving averages start at SGD iteration 7 and re-normalization at 63,
-out of 5,625, which is about the proportion of the paper's schedules; BRN's warm-up (5,000)
+out of 3,750, which is about the proportion of the paper's schedules; BRN's warm-up (5,000)
 and ramps (20,000 / 35,000 forwards) end at SGD iterations 313, 1,250 and 2,188.
 """
 import concurrent.futures
@@ -63,7 +63,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the training split
 class StudyConfig:
     """Everything that changes a run's result (runtime options such as threads are not here)."""
 
-    epochs: float = 3.0  # over the 60k training images; `iters` overrides it
+    epochs: float = 2.0  # over the 60k training images; `iters` overrides it
     iters: Optional[int] = None  # SGD iterations
     batch_size: int = 32  # SGD batch
     norm_batch: int = 2  # micro-batch seen by batch-dependent norms (except the BN(full batch) target)

@@ -5,7 +5,7 @@
     python tools/small_batch_study.py --quick --output-dir /tmp/study_quick            # a CI-sized check
 
 Rerunning the same command skips finished runs and resumes interrupted ones. The default
-(7 norms x 3 seeds, 3 epochs of batch 32, 2 jobs x 1 thread) takes about 1.5 h on an idle
+(7 norms x 3 seeds, 2 epochs of batch 32, 2 jobs x 1 thread) takes about 1 h on an idle
 2-core CPU; the measurements behind it are in mabn_d2/study.py.
 """
 import argparse

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Assemble docs/results.md from the result files the study tools wrote.
+
+Tables and figures are copied from the tools' outputs (no number is typed by hand); the
+commit, versions and wall times are read from those outputs and this checkout. The reading of
+the results is the hand-written docs/results_reading.md, included verbatim.
+
+  python tools/make_results.py --study output/small_batch_study --batch-stats output/batch_stats \
+      --detection output/detection_study --demo output/demo_mabn --benchmarks output/benchmarks
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import detectron2
+import torch
+
+from mabn_d2.benchmarking import markdown_table
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+STATS = ("mu_B", "sigma2_B", "g_B", "Psi_B")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=DOCS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _command(result_dir: Path) -> List[str]:
+    """The command line saved beside the results (command.txt), if any."""
+    path = result_dir / "command.txt"
+    return [f"Command: `{path.read_text().strip()}`", ""] if path.exists() else []
+
+
+def _copy_figure(source: Path, name: str) -> str:
+    shutil.copyfile(source, DOCS / name)
+    return name
+
+
+def study_section(study_dir: Path) -> List[str]:
+    lines = ["## 1. Small-batch study: Fashion-MNIST classification", "", *_command(study_dir)]
+    lines += [(study_dir / "results.md").read_text().strip(), ""]
+    if (study_dir / "accuracy_curves.png").exists():
+        lines += [f"![test accuracy curves]({_copy_figure(study_dir / 'accuracy_curves.png', 'study_accuracy_curves.png')})", ""]
+    return lines
+
+
+def batch_stats_section(stats_dir: Path) -> List[str]:
+    fluctuation = json.loads((stats_dir / "fluctuation.json").read_text())
+    lines = ["## 2. Batch statistics at normalization batch 2 vs 32", "", *_command(stats_dir),
+             "Fluctuation of each statistic around its moving average (second half of training; relative = "
+             "mean |s - SMA| / mean |SMA|; absolute as a ratio to BN(32)):", ""]
+    labels = list(fluctuation)
+    reference = "BN(32)" if "BN(32)" in fluctuation else labels[0]
+    rows = []
+    for label in labels:
+        for layer, values in fluctuation[label].items():
+            rows.append([label, layer] + [f"{values[s]['relative']:.3f}" for s in STATS]
+                        + [f"{values[s]['absolute'] / fluctuation[reference][layer][s]['absolute']:.2f}" for s in STATS])
+    header = ["norm", "layer"] + [f"rel. {s}" for s in STATS] + [f"abs. {s} / {reference}" for s in STATS]
+    lines += [markdown_table(header, rows), ""]
+    for png in sorted(stats_dir.glob("batch_stats_*.png")):
+        lines += [f"![batch statistics]({_copy_figure(png, png.name)})", ""]
+    return lines
+
+
+def detection_section(detection_dir: Path) -> List[str]:
+    lines = ["## 3. Detection: the demo's Mask R-CNN with NORM BN, GN, MABN", "", *_command(detection_dir),
+             (detection_dir / "results.md").read_text().strip(), ""]
+    walls = []
+    for run in sorted(p for p in detection_dir.iterdir() if (p / "wall_time.txt").exists()):
+        seconds = sum(float(x) for x in (run / "wall_time.txt").read_text().split())
+        walls.append([run.name, f"{seconds / 60:.1f}"])
+    if walls:
+        lines += ["Wall time per run (training + evaluation):", "", markdown_table(["run", "minutes"], walls), ""]
+    return lines
+
+
+def text_section(title: str, path: Path) -> List[str]:
+    return [f"## {title}", "", "```", path.read_text().strip(), "```", ""]
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", type=Path)
+    parser.add_argument("--batch-stats", type=Path)
+    parser.add_argument("--detection", type=Path)
+    parser.add_argument("--benchmarks", type=Path, help="directory with *.txt outputs of tools/benchmark_*.py")
+    parser.add_argument("--output", type=Path, default=DOCS / "results.md")
+    args = parser.parse_args(argv)
+    DOCS.mkdir(exist_ok=True)
+    lines = ["# Results", "",
+             f"Produced by the committed tools at commit `{_git_commit()}` (torch {torch.__version__}, "
+             f"detectron2 {detectron2.__version__}, {os.cpu_count()} CPU cores, no GPU) and assembled by "
+             "`tools/make_results.py`.", ""]
+    reading = DOCS / "results_reading.md"
+    if reading.exists():
+        lines += [reading.read_text().strip(), ""]
+    if args.study:
+        lines += study_section(args.study)
+    if args.batch_stats:
+        lines += batch_stats_section(args.batch_stats)
+    if args.detection:
+        lines += detection_section(args.detection)
+    if args.benchmarks:
+        for path in sorted(args.benchmarks.glob("*.txt")):
+            lines += text_section(f"Benchmark: {path.stem}", path)
+    text = "\n".join(lines)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
