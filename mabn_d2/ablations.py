@@ -17,28 +17,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers.functional import MABNFunction, MABNPhase, mabn_phase
-from .layers.mabn import MABN2d, _check_arguments  # same hyper-parameters, same checks
+from .layers.base import MovingAverageNorm
+from .layers.functional import MABNFunction, MABNPhase, channel_view, keep_finite
+from .layers.mabn import MABN2d
 
 __all__ = ["MABNForwardOnly2d", "MABNCentered2d", "centered_mabn_inference"]
 
 _DIMS = (0, 2, 3)
-
-
-def _channel_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1, -1, 1, 1)
-
-
-def _keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(new), new, old)
-
-
-def _check_input(module: nn.Module, x: torch.Tensor) -> None:
-    name = type(module).__name__
-    if x.dim() != 4:
-        raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != module.num_features:
-        raise ValueError(f"{name}({module.num_features}) got an input with {x.shape[1]} channels")
 
 
 class _ForwardOnlyFunction(MABNFunction):
@@ -63,15 +48,12 @@ class MABNForwardOnly2d(MABN2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x)
+        self._check_input(x)
         if not self.training or x.numel() == 0:
             return super().forward(x)
-        self._iteration += 1
-        self.num_batches_tracked.add_(1)
-        phase = mabn_phase(self._iteration, self.buffer_size, self.warmup_iters, self.renorm_warmup_iters)
         return _ForwardOnlyFunction.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.x2_buffer,
-            self.gz_buffer, phase, self.momentum, self.eps, self.renorm_clip,
+            self.gz_buffer, self._next_phase(), self.momentum, self.eps, self.renorm_clip,
         )
 
 
@@ -115,8 +97,8 @@ class CenteredMABNFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         var_batch, mean_batch = torch.var_mean(x, dim=_DIMS, correction=0)
         slot = phase.slot
-        mean_buffer[slot] = _keep_finite(mean_batch.to(mean_buffer.dtype), mean_buffer[slot])
-        var_buffer[slot] = _keep_finite(var_batch.to(var_buffer.dtype), var_buffer[slot])
+        mean_buffer[slot] = keep_finite(mean_batch.to(mean_buffer.dtype), mean_buffer[slot])
+        var_buffer[slot] = keep_finite(var_batch.to(var_buffer.dtype), var_buffer[slot])
         if phase.use_batch_statistics:
             mean, var = mean_batch.to(running_var.dtype), var_batch.to(running_var.dtype)
         else:
@@ -125,8 +107,8 @@ class CenteredMABNFunction(torch.autograd.Function):
         r: Optional[torch.Tensor] = None
         if phase.renormalize:
             r = ((var + eps).sqrt() / (running_var + eps).sqrt()).clamp(1.0 / renorm_clip, renorm_clip)
-        running_mean.copy_(_keep_finite(running_mean * momentum + mean * (1.0 - momentum), running_mean))
-        running_var.copy_(_keep_finite(running_var * momentum + var * (1.0 - momentum), running_var))
+        running_mean.copy_(keep_finite(running_mean * momentum + mean * (1.0 - momentum), running_mean))
+        running_var.copy_(keep_finite(running_var * momentum + var * (1.0 - momentum), running_var))
         scale = weight if r is None else weight * r
         # one fused pass: (x - mean) / sqrt(var + eps) * scale + bias
         y = torch.native_batch_norm(x, scale, bias, mean, var, False, 0.0, eps)[0]
@@ -153,7 +135,7 @@ class CenteredMABNFunction(torch.autograd.Function):
         psi_batch = scale * sum_dy_xhat / count  # mean(g * x_hat)
         buffers = (ctx.grad_mean_buffer, ctx.psi_buffer)
         for buffer, value in zip(buffers, (g_mean_batch, psi_batch)):
-            buffer[phase.slot] = _keep_finite(value.to(buffer.dtype), buffer[phase.slot])
+            buffer[phase.slot] = keep_finite(value.to(buffer.dtype), buffer[phase.slot])
 
         grad_x = None
         if need_input_grad:
@@ -164,12 +146,12 @@ class CenteredMABNFunction(torch.autograd.Function):
             # (g - g_mean - x_hat * psi) / s  =  g / s - x * psi / s^2 + (mean * psi / s^2 - g_mean / s)
             inv_var = 1.0 / (var + ctx.eps)
             shift = mean * psi * inv_var - g_mean * inv_var.sqrt()
-            grad_x = grad_scaled.addcmul_(x, _channel_view(psi * inv_var), value=-1).add_(_channel_view(shift))
+            grad_x = grad_scaled.addcmul_(x, channel_view(psi * inv_var), value=-1).add_(channel_view(shift))
         grad_weight = sum_dy_xhat if r is None else sum_dy_xhat * r
         return (grad_x, grad_weight, sum_dy) + (None,) * 10
 
 
-class MABNCentered2d(nn.Module):
+class MABNCentered2d(MovingAverageNorm):
     """MABN that keeps the mean statistics instead of relying on weight centralization (ablation).
 
     Normalizes by moving averages of the batch mean and batch variance, and replaces g_B and
@@ -185,77 +167,14 @@ class MABNCentered2d(nn.Module):
     of the centred input), g_B (grad_mean_buffer) and Psi_B (gz_buffer).
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        buffer_size: int = 16,
-        momentum: float = 0.98,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        renorm_clip: float = 5.0,
-        eps: float = 1e-5,
-    ):
-        super().__init__()
-        _check_arguments(num_features, buffer_size, momentum, warmup_iters, renorm_warmup_iters, renorm_clip, eps)
-        self.num_features = num_features
-        self.buffer_size = buffer_size
-        self.momentum = momentum
-        self.warmup_iters = warmup_iters
-        self.renorm_warmup_iters = renorm_warmup_iters
-        self.renorm_clip = renorm_clip
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        for name in ("mean_buffer", "x2_buffer", "grad_mean_buffer", "gz_buffer"):
-            self.register_buffer(name, torch.zeros(buffer_size, num_features))
-        self._iteration = 0  # host-side mirror of num_batches_tracked
-
-    @property
-    def iteration(self) -> int:
-        return self._iteration
-
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
-        for buffer in (self.mean_buffer, self.x2_buffer, self.grad_mean_buffer, self.gz_buffer):
-            buffer.zero_()
-        self._iteration = 0
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+    ring_buffers = ("mean_buffer", "x2_buffer", "grad_mean_buffer", "gz_buffer")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x)
+        self._check_input(x)
         if not self.training or x.numel() == 0:
             return centered_mabn_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-        self._iteration += 1
-        self.num_batches_tracked.add_(1)
-        phase = mabn_phase(self._iteration, self.buffer_size, self.warmup_iters, self.renorm_warmup_iters)
         return CenteredMABNFunction.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.mean_buffer,
-            self.x2_buffer, self.grad_mean_buffer, self.gz_buffer, phase, self.momentum, self.eps,
+            self.x2_buffer, self.grad_mean_buffer, self.gz_buffer, self._next_phase(), self.momentum, self.eps,
             self.renorm_clip,
-        )
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        counter = state_dict.get(prefix + "num_batches_tracked")
-        if counter is not None:
-            self._iteration = int(counter)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
-            f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
-            f"renorm_clip={self.renorm_clip}, eps={self.eps}"
         )

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from .base import HostIterationCounter
+
 __all__ = ["BatchRenorm2d", "renorm_limits"]
 
 
@@ -21,7 +23,7 @@ def renorm_limits(
     return ramp(r_max, 1.0, r_max_ramp_iters), ramp(d_max, 0.0, d_max_ramp_iters)
 
 
-class BatchRenorm2d(nn.Module):
+class BatchRenorm2d(HostIterationCounter):
     """BN whose training output is corrected towards the running statistics.
 
     y = weight * ((x - mu_B) / sigma_B * r + d) + bias, with r = clip(sigma_B / sigma, 1/r_max, r_max)
@@ -65,8 +67,6 @@ class BatchRenorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self._iteration = 0
 
     def current_limits(self) -> tuple:
         return renorm_limits(
@@ -80,8 +80,7 @@ class BatchRenorm2d(nn.Module):
             return nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        self._iteration += 1
-        self.num_batches_tracked.add_(1)
+        self._advance_iteration()
         r_max, d_max = self.current_limits()
         dims = (0, 2, 3)
         x32 = x.float()
@@ -102,16 +101,6 @@ class BatchRenorm2d(nn.Module):
         scale = (self.weight * r / std_b).view(view)
         shift = (self.bias + self.weight * (d - r * mean_b / std_b)).view(view)
         return (x32 * scale + shift).to(x.dtype)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        counter = state_dict.get(prefix + "num_batches_tracked")
-        if counter is not None:
-            self._iteration = int(counter)
 
     def extra_repr(self) -> str:
         return (

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MABNPhase", "mabn_phase", "mabn_inference", "MABNFunction"]
+__all__ = ["MABNPhase", "mabn_phase", "mabn_inference", "MABNFunction", "channel_view", "keep_finite"]
 
 _aten = torch.ops.aten
 
@@ -58,11 +58,11 @@ def mabn_inference(
     return torch.nn.functional.batch_norm(x, zero_mean, running_var, weight, bias, False, 0.0, eps)
 
 
-def _channel_view(t: torch.Tensor) -> torch.Tensor:
+def channel_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1)
 
 
-def _keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+def keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per-channel guard: a non-finite statistic leaves the stored value unchanged."""
     return torch.where(torch.isfinite(new), new, old)
 
@@ -99,14 +99,14 @@ class MABNFunction(torch.autograd.Function):
         ones = torch.ones_like(running_var)
 
         chi2_batch = _channel_sum_of_products(x, x, zeros, ones).to(running_var.dtype) / count
-        x2_buffer[phase.slot] = _keep_finite(chi2_batch, x2_buffer[phase.slot])
+        x2_buffer[phase.slot] = keep_finite(chi2_batch, x2_buffer[phase.slot])
         chi2 = chi2_batch if phase.use_batch_statistics else x2_buffer.mean(0)
 
         r: Optional[torch.Tensor] = None
         if phase.renormalize:
             r = ((chi2 + eps).sqrt() / (running_var + eps).sqrt()).clamp(1.0 / renorm_clip, renorm_clip)
         updated_var = running_var * momentum + chi2 * (1.0 - momentum)
-        running_var.copy_(_keep_finite(updated_var, running_var))
+        running_var.copy_(keep_finite(updated_var, running_var))
 
         scale = weight if r is None else weight * r
         y = torch.native_batch_norm(x, scale, bias, zeros, chi2, False, 0.0, eps)[0]
@@ -131,11 +131,11 @@ class MABNFunction(torch.autograd.Function):
             grad_out, x, scale, zeros, chi2, None, None, False, ctx.eps, [need_input_grad, True, True]
         )
         psi_batch = (scale * sum_dy_z / ctx.count).to(gz_buffer.dtype)
-        gz_buffer[phase.slot] = _keep_finite(psi_batch, gz_buffer[phase.slot])
+        gz_buffer[phase.slot] = keep_finite(psi_batch, gz_buffer[phase.slot])
 
         grad_x = None
         if need_input_grad:
             psi = psi_batch if phase.use_batch_statistics else gz_buffer.mean(0)
-            grad_x = grad_scaled.addcmul_(x, _channel_view(psi / (chi2 + ctx.eps)), value=-1)
+            grad_x = grad_scaled.addcmul_(x, channel_view(psi / (chi2 + ctx.eps)), value=-1)
         grad_weight = sum_dy_z if r is None else sum_dy_z * r
         return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None, None
