@@ -21,6 +21,7 @@ from detectron2.utils.events import EventStorage
 
 import mabn_d2
 from mabn_d2.benchmarking import interleaved_medians, markdown_table, saved_tensor_bytes, synchronize
+from mabn_d2.fold import fold_mabn
 from mabn_d2.layers import MABN2d
 
 VARIANTS = {
@@ -43,11 +44,38 @@ def build_variant(norms: Dict[str, str], device: str):
         "MODEL.ROI_MASK_HEAD.NORM", norms["HEADS"],
     ])
     model = build_model(cfg)
-    for module in model.modules():
-        if isinstance(module, MABN2d):
-            module._iteration = 2 * module.renorm_warmup_iters
     model.train()
     return model
+
+
+def prime_steady_state(model, batch) -> None:
+    """Put every MABN layer past its warm-ups with ring buffers and EMA filled from one real step.
+
+    Only setting the counter would average mostly empty ring buffers, shrink chi2 and blow up
+    the activations of a deep network; the timed phase must see realistic statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MABN2d)]
+    if not layers:
+        return
+    sum(model(batch).values()).backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for layer in layers:
+            slot = layer.iteration % layer.buffer_size
+            for buffer in (layer.x2_buffer, layer.gz_buffer):
+                buffer.copy_(buffer[slot].expand_as(buffer))
+            layer.running_var.copy_(layer.x2_buffer[0])
+            layer._iteration = 2 * max(layer.renorm_warmup_iters, layer.warmup_iters)
+            layer.num_batches_tracked.fill_(layer._iteration)
+
+
+def give_frozen_backbone_real_statistics(model, batch, device: str) -> None:
+    """A random-init FrozenBN backbone does not normalize at all and diverges within steps;
+    give it the statistics of a primed MABN backbone (folded), as a fine-tuned model would have."""
+    donor = build_variant(VARIANTS["MABN"], device)
+    prime_steady_state(donor, batch)
+    folded, _ = fold_mabn(donor.eval(), "frozen")
+    model.backbone.bottom_up.load_state_dict(folded.backbone.bottom_up.state_dict())
 
 
 def synthetic_batch(height: int, width: int, device: str, images: int = 2, objects: int = 5) -> List[Dict]:
@@ -101,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> str:
         for name, model in models.items()
     }
     with EventStorage(0):
+        for model in models.values():
+            prime_steady_state(model, batch)
+        if "FrozenBN backbone" in models:
+            give_frozen_backbone_real_statistics(models["FrozenBN backbone"], batch, args.device)
         times = interleaved_medians(steps, args.repeats, warmup=1, device=device)
         saved = {name: saved_tensor_bytes(lambda m=model: sum(m(batch).values())) for name, model in models.items()}
         peaks = {}
