@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -111,6 +112,7 @@ def _load_stock(config_path: str) -> torch.nn.Module:
 def run_demo(config_file: str, output_dir: str, opts: Sequence[str] = (), resume: bool = False,
              verify_images: int = 8) -> Dict[str, object]:
     """Train, evaluate, draw, fold+verify+export, time. Returns (and writes) a summary."""
+    start = time.time()
     cfg = setup_cfg(config_file, list(opts) + ["OUTPUT_DIR", output_dir])
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     register_demo_datasets(cfg)
@@ -138,6 +140,7 @@ def run_demo(config_file: str, output_dir: str, opts: Sequence[str] = (), resume
         "folded": {"files": folded.files, "report": folded.report.summary(),
                    "verified": {k: str(v) for k, v in folded.verified.items()}, "exported": folded.exported},
         "inference_seconds_per_image": timings,
+        "wall_minutes": (time.time() - start) / 60,
     }
     _write_json(summary, os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"))
     return summary
@@ -159,6 +162,7 @@ def format_summary(summary: Dict) -> str:
         markdown_table(["task", "AP", "AP50"], rows), "",
         markdown_table(["model", "ms / image", "vs unfolded"],
                        [[name, f"{t * 1e3:.1f}", f"{t / base:.2f}"] for name, t in timing.items()]), "",
+        f"wall time: {summary['wall_minutes']:.1f} min",
         f"predictions: {summary['predictions_png']}",
         f"folded model: {', '.join(summary['folded']['files'])}",
         f"verification: {summary['folded']['verified']}",
