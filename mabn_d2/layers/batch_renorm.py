@@ -83,8 +83,8 @@ class BatchRenorm2d(HostIterationCounter):
         self._advance_iteration()
         r_max, d_max = self.current_limits()
         dims = (0, 2, 3)
-        x32 = x.float()
-        var_b, mean_b = torch.var_mean(x32, dim=dims, correction=0)
+        x_work = x.to(torch.promote_types(x.dtype, self.running_mean.dtype))  # bf16 -> f32, f64 stays
+        var_b, mean_b = torch.var_mean(x_work, dim=dims, correction=0)
         std_b = (var_b + self.eps).sqrt()
         with torch.no_grad():
             std_run = (self.running_var + self.eps).sqrt()
@@ -100,7 +100,7 @@ class BatchRenorm2d(HostIterationCounter):
         view = (1, -1, 1, 1)
         scale = (self.weight * r / std_b).view(view)
         shift = (self.bias + self.weight * (d - r * mean_b / std_b)).view(view)
-        return (x32 * scale + shift).to(x.dtype)
+        return (x_work * scale + shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
