@@ -5,3 +5,8 @@ from .fold import FoldReport, fold_mabn
 from .registry import mabn_build_context, register_norms
 
 register_norms()
+
+__all__ = [
+    "MABN2d", "BatchRenorm2d", "CenteredConv2d", "add_mabn_config", "mabn_build_context",
+    "register_norms", "fold_mabn", "FoldReport",
+]

@@ -11,12 +11,13 @@ point for fine-tuning, as in the paper's fine-tuning experiments.
 import os
 import pickle
 import re
-import tempfile
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
+
+from .atomic_io import atomic_write
 
 __all__ = ["load_checkpoint_state", "torchvision_to_detectron2_names", "bn_to_mabn", "convert_checkpoint"]
 
@@ -108,12 +109,6 @@ def convert_checkpoint(input_path: str, output_path: str) -> Dict[str, object]:
         raise ValueError(f"{input_path}: no BatchNorm statistics found to convert")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"model": state, "__author__": "mabn_d2.convert", "matching_heuristics": False}, tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(output_path, lambda f: torch.save(
+        {"model": state, "__author__": "mabn_d2.convert", "matching_heuristics": False}, f))
     return {"source_format": source, "norm_layers": norms, "tensors": len(state), "output": output_path}

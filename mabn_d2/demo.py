@@ -3,12 +3,10 @@
 Every step uses the project's public pieces (MABNTrainer, fold_checkpoint) so the demo is
 also an end-to-end check of them.
 """
-import json
 import logging
 import os
-import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -22,25 +20,15 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
+from .atomic_io import atomic_write, atomic_write_json
 from .benchmarking import interleaved_medians, markdown_table
 from .data.builtin import register_demo_datasets
 from .engine import MABNTrainer, setup_cfg
-from .export import FOLDED_CONFIG, FOLDED_WEIGHTS, fold_checkpoint
+from .export import FOLDED_CONFIG, fold_checkpoint
 
 __all__ = ["run_demo", "save_prediction_grid", "time_inference"]
 
 logger = logging.getLogger(__name__)
-
-
-def _atomic_save_image(image: Image.Image, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _model_inputs(cfg: CfgNode, records: Sequence[Dict]) -> List[Dict]:
@@ -77,7 +65,7 @@ def save_prediction_grid(model: torch.nn.Module, cfg: CfgNode, dataset_name: str
     grid = Image.new("RGB", (columns * width, rows * height))
     for index, tile in enumerate(tiles):
         grid.paste(tile, ((index % columns) * width, (index // columns) * height))
-    _atomic_save_image(grid, path)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
     return path
 
 
@@ -142,15 +130,8 @@ def run_demo(config_file: str, output_dir: str, opts: Sequence[str] = (), resume
         "inference_seconds_per_image": timings,
         "wall_minutes": (time.time() - start) / 60,
     }
-    _write_json(summary, os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"))
+    atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"), summary)
     return summary
-
-
-def _write_json(data: Dict, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def format_summary(summary: Dict) -> str:

@@ -26,6 +26,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Instances
 from torch import nn
 
+from .atomic_io import _umask, atomic_write
 from .fold import FoldReport, fold_mabn
 
 __all__ = [
@@ -221,27 +222,7 @@ def check_state_dict_matches(model: nn.Module, state_dict: Dict[str, torch.Tenso
 def save_checkpoint(model: nn.Module, path: str) -> None:
     """Write `model` in detectron2's checkpoint format, {"model": state_dict}, atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda f: torch.save({"model": state}, f))
-
-
-def _atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: torch.save({"model": state}, f))
 
 
 @contextlib.contextmanager
@@ -399,7 +380,7 @@ def export_torchscript(model: nn.Module, item: dict, path: str) -> PredictionDif
     adapter = _tracing_adapter(model, item["image"])
     with torch.no_grad():
         traced = torch.jit.trace(adapter, (item["image"],), check_trace=False)
-    _atomic_write(path, lambda f: torch.jit.save(traced, f))
+    atomic_write(path, lambda f: torch.jit.save(traced, f))
     loaded = torch.jit.load(path)
     with torch.no_grad():
         return _compare_with_eager(adapter, item["image"], loaded(item["image"]))
@@ -428,7 +409,7 @@ def export_onnx(model: nn.Module, item: dict, path: str, opset: int = 16) -> Tup
     exporter = "dynamo"
     try:
         with _quiet_dynamo_export():
-            _atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=True))
+            atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=True))
     except Exception as e:  # noqa: BLE001  (any failure of the new exporter means: use the old one)
         root = e
         while root.__cause__ is not None:
@@ -437,7 +418,7 @@ def export_onnx(model: nn.Module, item: dict, path: str, opset: int = 16) -> Tup
         logger.info("dynamo ONNX export failed (%s: %s); using the TorchScript-based exporter",
                     type(root).__name__, first_line)
         exporter = "torchscript"
-        _atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=False))
+        atomic_write(path, lambda f: _onnx_export(adapter, item["image"], f, opset, dynamo=False))
     onnx.checker.check_model(path)
     return exporter, _onnxruntime_diff(adapter, item["image"], path)
 
@@ -559,7 +540,7 @@ def fold_checkpoint(
 
     with staged_output_dir(output_dir) as stage:
         save_checkpoint(frozen, os.path.join(stage, FOLDED_WEIGHTS))
-        _atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_cfg.dump()), mode="w")
+        atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_cfg.dump()), mode="w")
         names = [FOLDED_WEIGHTS, FOLDED_CONFIG]
         if fuse:
             save_checkpoint(forms["fused"], os.path.join(stage, FUSED_WEIGHTS))

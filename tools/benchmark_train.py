@@ -8,8 +8,6 @@ warm-ups so the steady state is timed. Memory: bytes autograd saves for backward
 activation memory of a step); on CUDA also the allocator's peak.
 """
 import argparse
-import statistics
-import sys
 from typing import Dict, List, Optional
 
 import torch

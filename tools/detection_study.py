@@ -9,6 +9,7 @@ import argparse
 import os
 from typing import List, Optional
 
+from mabn_d2.atomic_io import atomic_write_text
 from mabn_d2.detection_study import DEMO_NORM_CONFIGS, results_table, run_detection_study
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +25,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     results = run_detection_study(args.output_dir, args.norms, args.seeds, args.opts, repo_root=REPO_ROOT)
     table = results_table(results)
     os.makedirs(args.output_dir, exist_ok=True)
-    tmp = os.path.join(args.output_dir, "results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(table + "\n")
-    os.replace(tmp, os.path.join(args.output_dir, "results.md"))
+    atomic_write_text(os.path.join(args.output_dir, "results.md"), table + "\n")
     print(table)
     return table
 

@@ -19,6 +19,7 @@ from typing import List, Optional
 import detectron2
 import torch
 
+from mabn_d2.atomic_io import atomic_write_text
 from mabn_d2.benchmarking import markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -113,9 +114,7 @@ def main(argv: Optional[List[str]] = None) -> str:
         for path in sorted(args.benchmarks.glob("*.txt")):
             lines += text_section(f"Benchmark: {path.stem}", path)
     text = "\n".join(lines)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.output)
+    atomic_write_text(str(args.output), text)
     print(f"wrote {args.output}")
     return text
 

@@ -5,7 +5,7 @@ Like detectron2's builtin datasets they live under $DETECTRON2_DATASETS (default
 for smoke tests.
 """
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
