@@ -74,7 +74,7 @@ def results_table(results: Dict[str, Dict[int, Dict[str, float]]]) -> str:
         row = [norm, ", ".join(str(s) for s in by_seed)]
         for key in METRICS:
             values = [m[key] for m in by_seed.values()]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            row.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+            mean = statistics.mean(values)
+            row.append(f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}")
         rows.append(row)
     return markdown_table(["norm", "seeds", *METRICS], rows)

@@ -23,6 +23,8 @@ def test_results_table_reports_mean_and_std():
     table = results_table({"MABN": {0: dict.fromkeys(["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50"], 10.0),
                                     1: dict.fromkeys(["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50"], 20.0)}})
     assert "| MABN | 0, 1 | 15.0 ± 7.1 |" in table
+    single = results_table({"BN": {0: dict.fromkeys(["bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50"], 10.0)}})
+    assert "| BN | 0 | 10.0 | 10.0 |" in single  # no spread from one seed
 
 
 @pytest.mark.slow
