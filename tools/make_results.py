@@ -34,6 +34,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _commit_at(log: Path) -> str:
+    """The commit checked out when a detectron2 run started (first timestamp of its log.txt)."""
+    import datetime
+    import re
+
+    match = re.search(r"\[(\d\d)/(\d\d) (\d\d:\d\d:\d\d)", log.read_text())
+    if not match:
+        return "unknown"
+    year = datetime.date.fromtimestamp(log.stat().st_mtime).year
+    when = f"{year}-{match.group(1)}-{match.group(2)} {match.group(3)}"
+    try:
+        out = subprocess.run(["git", "rev-list", "-1", f"--before={when}", "HEAD"], capture_output=True,
+                             text=True, check=True, cwd=DOCS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out[:7] or "unknown"
+
+
 def _command(result_dir: Path) -> List[str]:
     """The command line saved beside the results (command.txt), if any."""
     path = result_dir / "command.txt"
@@ -46,7 +64,10 @@ def _copy_figure(source: Path, name: str) -> str:
 
 
 def study_section(study_dir: Path) -> List[str]:
-    lines = ["## 1. Small-batch study: Fashion-MNIST classification", "", *_command(study_dir)]
+    commits = sorted({json.loads(p.read_text()).get("git_commit", "unknown")[:7]
+                      for p in study_dir.glob("*_seed*.json")})
+    lines = ["## 1. Small-batch study: Fashion-MNIST classification", "", *_command(study_dir),
+             f"Runs trained at commit(s) {', '.join(commits)}.", ""]
     lines += [(study_dir / "results.md").read_text().strip(), ""]
     if (study_dir / "accuracy_curves.png").exists():
         lines += [f"![test accuracy curves]({_copy_figure(study_dir / 'accuracy_curves.png', 'study_accuracy_curves.png')})", ""]
@@ -78,9 +99,12 @@ def detection_section(detection_dir: Path) -> List[str]:
     walls = []
     for run in sorted(p for p in detection_dir.iterdir() if (p / "wall_time.txt").exists()):
         seconds = sum(float(x) for x in (run / "wall_time.txt").read_text().split())
-        walls.append([run.name, f"{seconds / 60:.1f}"])
+        walls.append([run.name, f"{seconds / 60:.1f}", _commit_at(run / "log.txt")])
+    for run in sorted(detection_dir.glob("*/NOTE.txt")):
+        lines += [f"{run.parent.name}: {run.read_text().strip()}", ""]
     if walls:
-        lines += ["Wall time per run (training + evaluation):", "", markdown_table(["run", "minutes"], walls), ""]
+        lines += ["Wall time per run (training + evaluation) and the commit it started at:", "",
+                  markdown_table(["run", "minutes", "commit"], walls), ""]
     return lines
 
 
@@ -98,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     DOCS.mkdir(exist_ok=True)
     lines = ["# Results", "",
-             f"Produced by the committed tools at commit `{_git_commit()}` (torch {torch.__version__}, "
+             f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the outputs of the committed tools (torch {torch.__version__}, "
              f"detectron2 {detectron2.__version__}, {os.cpu_count()} CPU cores, no GPU) and assembled by "
              "`tools/make_results.py`.", ""]
     reading = DOCS / "results_reading.md"
