@@ -122,9 +122,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     DOCS.mkdir(exist_ok=True)
     lines = ["# Results", "",
-             f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the outputs of the committed tools (torch {torch.__version__}, "
-             f"detectron2 {detectron2.__version__}, {os.cpu_count()} CPU cores, no GPU) and assembled by "
-             "`tools/make_results.py`.", ""]
+             f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the outputs of the "
+             f"committed tools (torch {torch.__version__}, detectron2 {detectron2.__version__}, "
+             f"{os.cpu_count()} CPU cores, no GPU).", ""]
     reading = DOCS / "results_reading.md"
     if reading.exists():
         lines += [reading.read_text().strip(), ""]
