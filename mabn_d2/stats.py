@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from .atomic_io import atomic_write, atomic_write_text
 from .ablations import MABNCentered2d
 from .layers import BatchRenorm2d, MABN2d
 
@@ -171,9 +172,9 @@ class BatchStatsRecorder:
             def plain(t: torch.Tensor):
                 return [[None if v != v else v for v in row] for row in t.tolist()]
 
-            path.write_text(json.dumps({n: {s: plain(t) for s, t in d.items()} for n, d in data.items()}))
+            atomic_write_text(str(path), json.dumps({n: {s: plain(t) for s, t in d.items()} for n, d in data.items()}))
         elif path.suffix == ".pt":
-            torch.save(data, path)
+            atomic_write(str(path), lambda f: torch.save(data, f))
         else:
             raise ValueError(f"BatchStatsRecorder.save: use a .pt or .json path, got {path}")
         return path
@@ -265,6 +266,6 @@ def plot_batch_statistics(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_write(str(path), lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return path

@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import subprocess
 import time
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
+from .atomic_io import atomic_write, atomic_write_json, atomic_write_text
 from .ablations import MABNCentered2d, MABNForwardOnly2d
 from .layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from .stats import BatchStatsRecorder
@@ -280,16 +280,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / max(1, labels.numel())
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(data, indent=1)))
-
-
 def run_paths(output_dir: Path, norm: str, seed: int) -> Tuple[Path, Path]:
     """(final JSON log, checkpoint) of one run."""
     return output_dir / f"{norm}_seed{seed}.json", output_dir / f"{norm}_seed{seed}.ckpt.pt"
@@ -365,7 +355,7 @@ def train_run(norm: str, seed: int, config: StudyConfig, output_dir: Path, threa
             return None
     final_accuracy = evaluate(model, *data["test"])
     state["wall_seconds"] += time.perf_counter() - started
-    _write_json(final_path, {
+    atomic_write_json(str(final_path), {
         "norm": norm, "label": norm_label(norm, config), "seed": seed, "config": dataclasses.asdict(config),
         "iterations": state["iteration"], "total_iters": total_iters, "diverged": state["diverged"],
         "final_test_accuracy": final_accuracy, "test_images": len(data["test"][1]),
@@ -383,7 +373,7 @@ def _save_checkpoint(path: Path, config: StudyConfig, model: nn.Module, optimize
                      state: dict) -> None:
     checkpoint = {"config": dataclasses.asdict(config), "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "state": state}
-    _atomic_write_bytes(path, lambda p: torch.save(checkpoint, p))
+    atomic_write(str(path), lambda f: torch.save(checkpoint, f))
 
 
 def _load_checkpoint(path: Path, config: StudyConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -466,7 +456,7 @@ def run_study(config: StudyConfig, norms: Sequence[str], seeds: Sequence[int], o
     summary.update({"study_wall_seconds": time.perf_counter() - started, "threads": threads, "jobs": jobs,
                     "seeds": list(seeds)})
     summary["plotted"] = plot_accuracy_curves(results, norms, output_dir / "accuracy_curves.png")
-    _write_json(output_dir / "results.json", summary)
+    atomic_write_json(str(output_dir / "results.json"), summary)
     write_results_markdown(summary, output_dir / "results.md")
     log(f"wrote {output_dir / 'results.md'}")
     return summary
@@ -526,7 +516,7 @@ def write_results_markdown(summary: dict, path: Path) -> None:
         "(this invocation; finished runs are not retrained).", "",
         "![test accuracy curves](accuracy_curves.png)", "",
     ]
-    _atomic_write_bytes(Path(path), lambda p: p.write_text("\n".join(lines)))
+    atomic_write_text(str(path), "\n".join(lines))
 
 
 def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) -> List[str]:
@@ -556,6 +546,6 @@ def plot_accuracy_curves(results: List[dict], norms: Sequence[str], path: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write_bytes(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(str(path), lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return drawn

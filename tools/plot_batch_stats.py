@@ -14,13 +14,13 @@ batch 32, so at 32 it also absorbs weight drift.
 """
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from mabn_d2.atomic_io import atomic_write, atomic_write_json
 from mabn_d2.stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
 from mabn_d2.study import NORMS, StudyConfig, norm_label, record_batch_statistics
 
@@ -71,8 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             layer: {stat: second_half_fluctuation(stats[layer][stat], args.window) for stat in BATCH_STATISTICS}
             for layer in layers
         }
-    torch.save(recorded, output_dir / "batch_stats.pt")
-    (output_dir / "fluctuation.json").write_text(json.dumps(fluctuation, indent=1))
+    atomic_write(str(output_dir / "batch_stats.pt"), lambda f: torch.save(recorded, f))
+    atomic_write_json(str(output_dir / "fluctuation.json"), fluctuation)
     for layer in layers:
         runs = {recorded[n]["label"]: (recorded[n]["images"], recorded[n]["layers"][layer]) for n in norms}
         path = output_dir / f"batch_stats_{layer.replace('.', '_')}.png"
