@@ -33,6 +33,7 @@ from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
 from torch import nn
 
 from .layers import CenteredConv2d, MABN2d, centered_weight
+from .layers.base import frozen_batchnorm_from
 
 __all__ = [
     "FOLD_MODES",
@@ -179,16 +180,6 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
                         value[k] = new
 
 
-def _frozen_bn(norm: MABN2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(norm.num_features, eps=norm.eps)
-    frozen.to(device=norm.running_var.device, dtype=norm.running_var.dtype)
-    frozen.weight.copy_(norm.weight)
-    frozen.bias.copy_(norm.bias)
-    frozen.running_mean.zero_()
-    frozen.running_var.copy_(norm.running_var)
-    return frozen
-
-
 def _make_plain_(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """Give `conv` (in place, so every reference sees it) `weight` and `bias`; a CenteredConv2d
     becomes a detectron2 Conv2d, the inverse of `centralize_conv_`."""
@@ -245,9 +236,9 @@ def _collapsed(levels: nn.ModuleList) -> FrozenBatchNorm2d:
     """One FrozenBatchNorm2d holding the (common) affine of every level."""
     first = levels[0]
     if getattr(levels, "weight", None) is None:
-        return _frozen_bn(first)
+        return frozen_batchnorm_from(first)
     # shared_w * (w * x / s + b) + shared_b, with the level's running_var kept as it is.
-    frozen = _frozen_bn(first)
+    frozen = frozen_batchnorm_from(first)
     frozen.weight.copy_(first.weight * levels.weight)
     frozen.bias.copy_(first.bias * levels.weight + levels.bias)
     return frozen
@@ -341,7 +332,7 @@ def _foldable_conv(module: nn.Module) -> bool:
 def _freeze_norms(model: nn.Module, report: FoldReport) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, MABN2d):
-            _replace(model, name, _frozen_bn(module))
+            _replace(model, name, frozen_batchnorm_from(module))
             report.frozen_norms.append(name)
         elif isinstance(module, FrozenBatchNorm2d):
             # Stages frozen at build time may carry their norm's counter; stock FrozenBN has none,

@@ -35,6 +35,7 @@ from torch import nn
 from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
 from .cycle import CycleMABNList
 from .layers import BatchRenorm2d, CenteredConv2d, MABN2d, centralize_conv_
+from .layers.base import frozen_batchnorm_from
 
 __all__ = ["register_norms", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
 
@@ -191,9 +192,8 @@ def _centralize_at_init(original: Callable) -> Callable:
 
 def _frozen_from(cls: type, norm: nn.Module) -> nn.Module:
     """A FrozenBatchNorm2d computing `norm`'s eval-mode function (MABN: running_mean is 0)."""
-    frozen = cls(norm.num_features, eps=norm.eps)
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(frozen, name, getattr(norm, name).detach().clone())
+    frozen = frozen_batchnorm_from(norm, cls)
+    frozen.num_batches_tracked = norm.num_batches_tracked.detach().clone()
     return frozen
 
 

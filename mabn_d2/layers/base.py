@@ -7,11 +7,12 @@ checkpoint restores it, and read back once at load time.
 from typing import Tuple
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from .functional import MABNPhase, mabn_phase
 
-__all__ = ["HostIterationCounter", "MovingAverageNorm", "check_moving_average_arguments"]
+__all__ = ["HostIterationCounter", "MovingAverageNorm", "check_moving_average_arguments", "frozen_batchnorm_from"]
 
 
 class HostIterationCounter(nn.Module):
@@ -136,3 +137,15 @@ def check_moving_average_arguments(
     )
     require(renorm_clip >= 1.0, f"renorm_clip must be >= 1, got {renorm_clip!r}")
     require(eps > 0.0, f"eps must be > 0, got {eps!r}")
+
+
+def frozen_batchnorm_from(norm: nn.Module, cls: type = FrozenBatchNorm2d) -> FrozenBatchNorm2d:
+    """A FrozenBatchNorm2d computing `norm`'s eval-mode affine (MABN: its running_mean is 0).
+
+    Works for any norm with weight, bias, running_mean, running_var and eps; the copies keep
+    the source's device and dtype.
+    """
+    frozen = cls(norm.num_features, eps=norm.eps)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        setattr(frozen, name, getattr(norm, name).detach().clone())
+    return frozen
