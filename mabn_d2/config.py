@@ -13,7 +13,13 @@ __all__ = [
     "validate_mabn_config",
     "mabn_kwargs_from_cfg",
     "brn_kwargs_from_cfg",
+    "resolve_mabn_warmups",
+    "long_renorm_warmup_message",
 ]
+
+# Share of SOLVER.MAX_ITER above which the re-normalization warm-up is reported as too long:
+# until it ends, training normalizes by short moving averages while inference uses running_var.
+LONG_RENORM_WARMUP_SHARE = 0.1
 
 
 def _mabn_defaults() -> CN:
@@ -26,6 +32,10 @@ def _mabn_defaults() -> CN:
     node.WARMUP_ITERS = 100
     # Iterations before the re-normalization factor r (clipped ratio to running_var) is applied.
     node.RENORM_WARMUP_ITERS = 1000
+    # In [0, 1]: WARMUP_ITERS becomes round(WARMUP_FRACTION * SOLVER.MAX_ITER); -1: WARMUP_ITERS applies.
+    node.WARMUP_FRACTION = -1.0
+    # In [0, 1]: RENORM_WARMUP_ITERS becomes round(RENORM_WARMUP_FRACTION * SOLVER.MAX_ITER); -1: off.
+    node.RENORM_WARMUP_FRACTION = -1.0
     # r is clipped to [1 / RENORM_CLIP, RENORM_CLIP].
     node.RENORM_CLIP = 5.0
     # Added to the second moment before the square root.
@@ -75,6 +85,10 @@ def _non_negative_int(value: Any) -> bool:
     return _is_int(value) and value >= 0
 
 
+def _fraction_or_off(value: Any) -> bool:
+    return _is_number(value) and (value == -1 or 0.0 <= value <= 1.0)
+
+
 # key -> (check, what the check requires), per section
 _Rule = Dict[str, Tuple[Callable[[Any], bool], str]]
 _MABN_RULES: _Rule = {
@@ -82,9 +96,13 @@ _MABN_RULES: _Rule = {
     "MOMENTUM": (lambda v: _is_number(v) and 0.0 <= v < 1.0, "must be in [0, 1)"),
     "WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
     "RENORM_WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
+    "WARMUP_FRACTION": (_fraction_or_off, "must be -1 (off) or in [0, 1]"),
+    "RENORM_WARMUP_FRACTION": (_fraction_or_off, "must be -1 (off) or in [0, 1]"),
     "RENORM_CLIP": (lambda v: _is_number(v) and v >= 1.0, "must be >= 1"),
     "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
 }
+# Keys that size the warm-ups from the schedule; they resolve into WARMUP_ITERS / RENORM_WARMUP_ITERS.
+_MABN_FRACTION_KEYS = {"WARMUP_FRACTION": "WARMUP_ITERS", "RENORM_WARMUP_FRACTION": "RENORM_WARMUP_ITERS"}
 _BRN_RULES: _Rule = {
     "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
     "MOMENTUM": (lambda v: _is_number(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
@@ -131,9 +149,59 @@ def _kwargs_from_section(cfg: CN, name: str) -> Dict[str, Any]:
     return {key.lower(): values[key] for key in rules}
 
 
+def _max_iter(cfg: Any) -> Optional[int]:
+    solver = getattr(cfg, "SOLVER", None)
+    return None if solver is None or "MAX_ITER" not in solver else int(solver.MAX_ITER)
+
+
+def resolve_mabn_warmups(cfg: CN) -> Tuple[int, int]:
+    """(warmup_iters, renorm_warmup_iters) after applying the *_FRACTION keys to SOLVER.MAX_ITER."""
+    section = _section(cfg, "MABN")
+    defaults = _mabn_defaults()
+    resolved = {}
+    for fraction_key, iters_key in _MABN_FRACTION_KEYS.items():
+        iters = section.get(iters_key, defaults[iters_key]) if section is not None else defaults[iters_key]
+        fraction = section.get(fraction_key, -1.0) if section is not None else -1.0
+        if fraction != -1:
+            max_iter = _max_iter(cfg)
+            if max_iter is None:
+                raise ValueError(f"cfg.MODEL.MABN.{fraction_key} needs cfg.SOLVER.MAX_ITER to size the warm-up")
+            iters = int(round(fraction * max_iter))
+        resolved[iters_key] = iters
+    return resolved["WARMUP_ITERS"], resolved["RENORM_WARMUP_ITERS"]
+
+
 def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
-    """MABN2d keyword arguments from cfg.MODEL.MABN (defaults for anything absent)."""
-    return _kwargs_from_section(cfg, "MABN")
+    """MABN2d keyword arguments from cfg.MODEL.MABN (defaults for anything absent).
+
+    The *_FRACTION keys are resolved against SOLVER.MAX_ITER into warmup_iters and
+    renorm_warmup_iters; they are not layer arguments themselves.
+    """
+    kwargs = {k: v for k, v in _kwargs_from_section(cfg, "MABN").items() if k.upper() not in _MABN_FRACTION_KEYS}
+    kwargs["warmup_iters"], kwargs["renorm_warmup_iters"] = resolve_mabn_warmups(cfg)
+    return kwargs
+
+
+def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
+    """A warning text when MABN re-normalizes only after more than 10% of SOLVER.MAX_ITER, else None.
+
+    Until re-normalization starts, training normalizes by 16-iteration moving averages while
+    evaluation uses the slower running_var, so a warm-up that covers much of a short schedule
+    leaves the model with a train/eval mismatch.
+    """
+    max_iter = _max_iter(cfg)
+    if max_iter is None or max_iter <= 0:
+        return None
+    warmup, renorm_warmup = resolve_mabn_warmups(cfg)
+    start = max(warmup, renorm_warmup)
+    if start <= LONG_RENORM_WARMUP_SHARE * max_iter:
+        return None
+    return (
+        f"MABN re-normalization starts after iteration {start}, {100.0 * min(start, max_iter) / max_iter:.0f}% of "
+        f"SOLVER.MAX_ITER={max_iter} (more than {100 * LONG_RENORM_WARMUP_SHARE:.0f}%): until then training and "
+        "evaluation normalize with different statistics. Size the warm-ups to the schedule with "
+        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION (e.g. 0.02 and 0.2)."
+    )
 
 
 def brn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:

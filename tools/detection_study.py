@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Compare NORM BN, GN and MABN on the Fashion-MNIST COCO demo: the demo's small Mask R-CNN,
-2 images/iteration, same schedule and seeds. Resumable: finished runs are skipped, interrupted
-ones resume from their last checkpoint. Writes a Markdown table to OUTPUT_DIR/results.md.
+"""Detection study on the Fashion-MNIST COCO demo: norms and MABN settings, same model, data,
+learning rate and schedule for every run, evaluated every EVAL_PERIOD iterations.
+
+Resumable: finished runs are skipped, interrupted ones resume from their last checkpoint.
+Writes OUTPUT_DIR/results.md (final AP per variant, mean ± std over seeds, and AP at every
+evaluation) and OUTPUT_DIR/ap_curves.png (AP against iteration, one line per variant).
 
   python tools/detection_study.py --output-dir output/detection_study --seeds 0 [KEY VALUE ...]
+  python tools/detection_study.py --variants BN GN MABN_warmups_2_10 --seeds 0 1 2
+Variants: see `--list`.
 """
 import argparse
 import os
 from typing import List, Optional
 
 from mabn_d2.atomic_io import atomic_write_text
-from mabn_d2.detection_study import DEMO_NORM_CONFIGS, results_table, run_detection_study
+from mabn_d2.detection_study import VARIANTS, curves_table, plot_curves, results_table, run_detection_study
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,16 +23,30 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv: Optional[List[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="output/detection_study")
-    parser.add_argument("--norms", nargs="+", default=list(DEMO_NORM_CONFIGS), choices=list(DEMO_NORM_CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--eval-period", type=int, default=300, help="iterations between evaluations")
+    parser.add_argument("--reestimate-batches", type=int, default=100,
+                        help="training batches for the running_var re-estimation variant")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = parser.parse_args(argv)
-    results = run_detection_study(args.output_dir, args.norms, args.seeds, args.opts, repo_root=REPO_ROOT)
-    table = results_table(results)
+    if args.list:
+        listing = "\n".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items())
+        print(listing)
+        return listing
+    results = run_detection_study(args.output_dir, args.variants, args.seeds, args.opts,
+                                  eval_period=args.eval_period, reestimate_batches=args.reestimate_batches,
+                                  repo_root=REPO_ROOT)
+    report = (
+        "Final evaluation, mean ± sample std over seeds:\n\n" + results_table(results)
+        + f"\n\nBox / mask AP at each evaluation (seed {args.seeds[0]}):\n\n" + curves_table(results, args.seeds[0])
+    )
     os.makedirs(args.output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(args.output_dir, "results.md"), table + "\n")
-    print(table)
-    return table
+    atomic_write_text(os.path.join(args.output_dir, "results.md"), report + "\n")
+    plot_curves(results, os.path.join(args.output_dir, "ap_curves.png"), seed=args.seeds[0])
+    print(report)
+    return report
 
 
 if __name__ == "__main__":
