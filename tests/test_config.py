@@ -5,9 +5,16 @@ import pytest
 from detectron2.config import get_cfg
 
 from mabn_d2 import BatchRenorm2d, MABN2d, add_mabn_config
-from mabn_d2.config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
+from mabn_d2.config import (
+    brn_kwargs_from_cfg,
+    long_renorm_warmup_message,
+    mabn_kwargs_from_cfg,
+    resolve_mabn_warmups,
+    validate_mabn_config,
+)
 
-MABN_KEYS = ["BUFFER_SIZE", "MOMENTUM", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "RENORM_CLIP", "EPS"]
+MABN_KEYS = ["BUFFER_SIZE", "MOMENTUM", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "WARMUP_FRACTION",
+             "RENORM_WARMUP_FRACTION", "RENORM_CLIP", "EPS"]
 BRN_KEYS = ["EPS", "MOMENTUM", "R_MAX", "D_MAX", "WARMUP_ITERS", "R_MAX_RAMP_ITERS", "D_MAX_RAMP_ITERS"]
 
 
@@ -25,7 +32,8 @@ def new_cfg():
 def test_defaults_are_the_paper_values_and_match_the_layers():
     cfg = new_cfg()
     assert dict(cfg.MODEL.MABN) == dict(
-        BUFFER_SIZE=16, MOMENTUM=0.98, WARMUP_ITERS=100, RENORM_WARMUP_ITERS=1000, RENORM_CLIP=5.0, EPS=1e-5
+        BUFFER_SIZE=16, MOMENTUM=0.98, WARMUP_ITERS=100, RENORM_WARMUP_ITERS=1000, WARMUP_FRACTION=-1.0,
+        RENORM_WARMUP_FRACTION=-1.0, RENORM_CLIP=5.0, EPS=1e-5,
     )
     assert sorted(cfg.MODEL.BRN) == sorted(BRN_KEYS)
     assert mabn_kwargs_from_cfg(cfg) == layer_defaults(MABN2d)
@@ -72,6 +80,9 @@ BAD_VALUES = [
     ("MABN", "MOMENTUM", -0.1),
     ("MABN", "WARMUP_ITERS", -1),
     ("MABN", "RENORM_WARMUP_ITERS", True),
+    ("MABN", "WARMUP_FRACTION", 1.5),
+    ("MABN", "WARMUP_FRACTION", -0.5),
+    ("MABN", "RENORM_WARMUP_FRACTION", float("nan")),
     ("MABN", "RENORM_CLIP", 0.5),
     ("MABN", "EPS", 0.0),
     ("MABN", "EPS", float("nan")),
@@ -117,3 +128,57 @@ def test_unknown_key_is_named():
     cfg.MODEL.MABN.BUFER_SIZE = 8
     with pytest.raises(ValueError, match="cfg.MODEL.MABN.BUFER_SIZE"):
         validate_mabn_config(cfg)
+
+
+@pytest.mark.parametrize("max_iter, fractions, expected", [
+    (900, (0.02, 0.1), (18, 90)),
+    (90000, (0.001, 0.01), (90, 900)),
+    (450, (0.0, 1.0), (0, 450)),
+    (1000, (0.0333, -1.0), (33, 1000)),  # -1: the absolute key (here the default 1000) applies
+    (1000, (-1.0, 0.25), (100, 250)),
+])
+def test_warmup_fractions_resolve_against_max_iter(max_iter, fractions, expected):
+    cfg = new_cfg()
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.MODEL.MABN.WARMUP_FRACTION, cfg.MODEL.MABN.RENORM_WARMUP_FRACTION = fractions
+    validate_mabn_config(cfg)
+    assert resolve_mabn_warmups(cfg) == expected
+    kwargs = mabn_kwargs_from_cfg(cfg)
+    assert (kwargs["warmup_iters"], kwargs["renorm_warmup_iters"]) == expected
+    assert "warmup_fraction" not in kwargs and "renorm_warmup_fraction" not in kwargs
+    layer = MABN2d(4, **kwargs)
+    assert (layer.warmup_iters, layer.renorm_warmup_iters) == expected
+
+
+def test_fractions_merge_from_the_command_line():
+    cfg = new_cfg()
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "3000", "MODEL.MABN.WARMUP_FRACTION", "0.02",
+                         "MODEL.MABN.RENORM_WARMUP_FRACTION", "0.1"])
+    assert resolve_mabn_warmups(cfg) == (60, 300)
+
+
+@pytest.mark.parametrize("max_iter, renorm_fraction, warns", [
+    (900, -1.0, True),  # the paper's 1000-iteration warm-up is beyond a 900-iteration schedule
+    (900, 0.05, False),
+    (90000, -1.0, False),  # 1000 of 90k iterations: 1.1%
+    (9000, -1.0, True),  # 1000 of 9000: 11%
+    (10000, -1.0, False),  # exactly 10% is not more than 10%
+    (900, 0.1, False),
+    (900, 0.2, True),
+])
+def test_long_renorm_warmup_message(max_iter, renorm_fraction, warns):
+    cfg = new_cfg()
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.MODEL.MABN.WARMUP_FRACTION = 0.02
+    cfg.MODEL.MABN.RENORM_WARMUP_FRACTION = renorm_fraction
+    message = long_renorm_warmup_message(cfg)
+    assert (message is not None) == warns
+    if warns:
+        assert f"SOLVER.MAX_ITER={max_iter}" in message and "RENORM_WARMUP_FRACTION" in message
+
+
+def test_warmup_iters_beyond_renorm_warmup_count_for_the_warning():
+    cfg = new_cfg()
+    cfg.SOLVER.MAX_ITER = 900
+    cfg.MODEL.MABN.update(WARMUP_ITERS=500, RENORM_WARMUP_ITERS=10)  # r starts after max(500, 10)
+    assert "iteration 500" in long_renorm_warmup_message(cfg)
