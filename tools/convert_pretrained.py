@@ -8,6 +8,11 @@ each filter's response to the local input mean, so the converted network assumes
 centered convolution output is zero-mean with BN's variance. It is not numerically equal to the
 BN network: it is a starting point for fine-tuning, not a drop-in replacement.
 
+The input must be a whole ResNet (R18/34/50/101/152): every stage and block, and BatchNorm
+statistics for every norm. A partial file, missing statistics, or a whole detector checkpoint is
+refused with one line listing what is wrong (exit status 2), and nothing is written. The source
+format is recognised from the keys.
+
   python tools/convert_pretrained.py --input resnet50-torchvision.pth --output pretrained/R-50-torchvision-mabn.pth
 """
 import argparse
@@ -15,7 +20,7 @@ import json
 import sys
 from typing import List, Optional
 
-from mabn_d2.convert import convert_checkpoint
+from mabn_d2.convert import ConversionError, convert_checkpoint
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -25,8 +30,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = convert_checkpoint(args.input, args.output)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ConversionError) as error:
+        print(f"convert_pretrained: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the output cannot be written
+        print(f"convert_pretrained: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
     return 0
