@@ -4,6 +4,7 @@ MABN's iteration counter and ring buffers describe one input distribution, so a 
 to every FPN level in turn needs one MABN2d per level, as detectron2's `CycleBatchNormList`
 does for BN.
 """
+import copy
 from typing import Callable
 
 import torch
@@ -54,6 +55,22 @@ class CycleMABNList(nn.ModuleList):
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self._pos = 0
+
+    @classmethod
+    def from_shared(cls, norm: nn.Module, length: int) -> "CycleMABNList":
+        """One copy of `norm` per level, its affine becoming the shared one.
+
+        For a norm that a head applies to every level in turn: each level starts from `norm`'s
+        hyper-parameters and state, on its device, so the list first computes what `norm` did,
+        and from then on keeps each level's statistics apart.
+        """
+        levels = cls(length, norm.num_features, norm_class=lambda _: copy.deepcopy(norm))
+        with torch.no_grad():
+            levels.weight.copy_(norm.weight)
+            levels.bias.copy_(norm.bias)
+        levels.weight.requires_grad_(norm.weight.requires_grad)
+        levels.bias.requires_grad_(norm.bias.requires_grad)
+        return levels.to(norm.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self[self._pos](x)
