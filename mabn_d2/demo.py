@@ -116,7 +116,7 @@ def run_demo(config_file: str, output_dir: str, opts: Sequence[str] = (), resume
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     fold_dir = os.path.join(cfg.OUTPUT_DIR, "folded")
     folded = fold_checkpoint(cfg, weights, fold_dir, export="torchscript", verify=verify_images,
-                             config_name=config_file)
+                             config_name=config_file, overwrite=True)  # a rerun replaces its own fold
     stock = _load_stock(os.path.join(fold_dir, FOLDED_CONFIG))
     timings = time_inference({"MABN (eval, unfolded)": model, "folded (FrozenBN)": stock}, cfg, test_name)
     summary = {

@@ -3,14 +3,14 @@
 The folded checkpoint and config are meant for stock detectron2 (no mabn_d2 installed), so
 everything a user could get subtly wrong is checked loudly: a checkpoint that is missing,
 unreadable or does not match the config, a config without MABN, predictions that drift. All
-files appear at once or not at all (`staged_output_dir`).
+files appear at once or not at all, and the output folder then holds exactly this run's files
+(`staged_output_dir`): a folder that is not empty is refused unless `overwrite` is set, and
+then replaced as a whole, never mixed with an earlier run's files.
 """
 import contextlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -26,8 +26,10 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Instances
 from torch import nn
 
-from .atomic_io import _umask, atomic_write
+from .atomic_io import atomic_write, replace_directory, staged_directory
+from .checkpoint import describe_unreadable
 from .fold import FoldReport, fold_mabn
+from .preflight import STOCK_NORMS, UsageError, check_device, check_writable_dir
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -37,6 +39,7 @@ __all__ = [
     "PredictionDiff",
     "TOLERANCES",
     "build_and_load",
+    "check_output_dir",
     "check_state_dict_matches",
     "compare_predictions",
     "export_onnx",
@@ -54,8 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("torchscript", "onnx")
-# Norm names stock detectron2's get_norm knows (detectron2/layers/batch_norm.py).
-STOCK_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 # Largest max-abs differences accepted between the eval-mode MABN model and a folded form.
 # The frozen form runs the same ops on the same numbers: measured difference exactly 0. The fused
 # form rounds each folded weight once in float32 and ~70 layers compound it. Measured on Mask
@@ -192,7 +193,7 @@ def load_checkpoint_strict(model: nn.Module, path: str, config_name: str = "the 
     except _MismatchError as e:
         raise ExportError(f"checkpoint {path} does not match {config_name}: {e}") from None
     except Exception as e:  # unpickling, zip and format errors all mean the same to the user
-        raise ExportError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from e
+        raise ExportError(describe_unreadable(path, e)) from e
 
 
 def build_and_load(cfg: CfgNode, weights: str, config_name: str = "the config") -> nn.Module:
@@ -227,25 +228,43 @@ def save_checkpoint(model: nn.Module, path: str) -> None:
 
 @contextlib.contextmanager
 def staged_output_dir(output_dir: str) -> Iterator[str]:
-    """A temporary folder beside `output_dir` whose files move into it only if the block succeeds.
+    """A hidden folder beside `output_dir` that replaces it as a whole if the block succeeds.
 
-    If `output_dir` does not exist the whole folder is renamed into place in one step;
-    otherwise each file is moved with os.replace (atomic per file).
+    After an error, SIGTERM or SIGINT the staging folder is removed and `output_dir` is as it
+    was. Whether an existing `output_dir` may be replaced is `check_output_dir`'s decision.
     """
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.staging-", dir=parent)
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with staged_directory(output_dir, "staging") as stage:
         yield stage
-        if not os.path.exists(output_dir):
-            os.replace(stage, output_dir)
-        else:
-            for name in sorted(os.listdir(stage)):
-                os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        replace_directory(stage, output_dir)
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """ExportError unless `output_dir` can take this run's files and nothing else.
+
+    An absent or empty folder is fine. A folder with files is refused unless `overwrite`;
+    with it, only a folder holding nothing but fold outputs is replaced (never, say, a
+    training folder given by mistake).
+    """
+    try:
+        check_writable_dir(output_dir, "output folder")
+    except UsageError as error:
+        raise ExportError(str(error)) from None
+    if not os.path.isdir(output_dir):
+        return
+    present = sorted(os.listdir(output_dir))
+    if not present:
+        return
+    if not overwrite:
+        raise ExportError(
+            f"output folder {output_dir} is not empty ({', '.join(present)}); pass --overwrite to replace it "
+            "with this run's files, or choose another --output-dir"
+        )
+    foreign = [name for name in present if name not in FOLD_OUTPUTS]
+    if foreign:
+        raise ExportError(
+            f"output folder {output_dir} holds files the fold tool does not write ({', '.join(foreign)}); "
+            "--overwrite replaces the whole folder, so choose another --output-dir"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +487,7 @@ FOLDED_WEIGHTS = "model_folded.pth"
 FOLDED_CONFIG = "config_folded.yaml"
 FUSED_WEIGHTS = "model_fused.pth"
 EXPORT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+FOLD_OUTPUTS = frozenset({FOLDED_WEIGHTS, FOLDED_CONFIG, FUSED_WEIGHTS, *EXPORT_FILES.values()})
 
 
 @dataclass
@@ -492,6 +512,7 @@ def fold_checkpoint(
     device: str = "cpu",
     config_name: str = "the config",
     tolerances: Dict[str, float] = TOLERANCES,
+    overwrite: bool = False,
 ) -> FoldResult:
     """Fold the MABN model (`cfg`, `weights`) and write it to `output_dir` for stock detectron2.
 
@@ -499,10 +520,17 @@ def fold_checkpoint(
     get_cfg/build_model/DetectionCheckpointer). With `fuse`, also model_fused.pth (norms folded
     into convs; only for export, it matches no config) and the export uses the fused form.
     `verify` > 0 compares the original and folded predictions on that many images and raises
-    ExportError above `tolerances`. Every check runs before anything appears in `output_dir`.
+    ExportError above `tolerances`. Every check runs before anything appears in `output_dir`,
+    which then holds exactly this run's files (a non-empty one needs `overwrite`, see
+    `check_output_dir`).
     """
     if export is not None and export not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {export!r}; expected one of {EXPORT_FORMATS}")
+    check_output_dir(output_dir, overwrite)
+    try:
+        check_device(device)
+    except UsageError as error:
+        raise ExportError(str(error)) from None
     build_cfg = cfg.clone()
     build_cfg.defrost()
     build_cfg.MODEL.DEVICE = device
@@ -538,18 +566,23 @@ def fold_checkpoint(
             if problems:
                 raise ExportError(f"the {name} model does not reproduce the original: {'; '.join(problems)} ({diff})")
 
-    with staged_output_dir(output_dir) as stage:
-        save_checkpoint(frozen, os.path.join(stage, FOLDED_WEIGHTS))
-        atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_cfg.dump()), mode="w")
-        names = [FOLDED_WEIGHTS, FOLDED_CONFIG]
-        if fuse:
-            save_checkpoint(forms["fused"], os.path.join(stage, FUSED_WEIGHTS))
-            names.append(FUSED_WEIGHTS)
-        if export:
-            deployed = forms["fused" if fuse else "frozen"]
-            path = os.path.join(stage, EXPORT_FILES[export])
-            result.exported[export] = _export_and_check(export, deployed, inputs[0], path, tolerances)
-            names.append(EXPORT_FILES[export])
+    check_output_dir(output_dir, overwrite)  # again: the folder may have changed while we verified
+    try:
+        with staged_output_dir(output_dir) as stage:
+            save_checkpoint(frozen, os.path.join(stage, FOLDED_WEIGHTS))
+            atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_cfg.dump()), mode="w")
+            names = [FOLDED_WEIGHTS, FOLDED_CONFIG]
+            if fuse:
+                save_checkpoint(forms["fused"], os.path.join(stage, FUSED_WEIGHTS))
+                names.append(FUSED_WEIGHTS)
+            if export:
+                deployed = forms["fused" if fuse else "frozen"]
+                path = os.path.join(stage, EXPORT_FILES[export])
+                result.exported[export] = _export_and_check(export, deployed, inputs[0], path, tolerances)
+                names.append(EXPORT_FILES[export])
+    except OSError as error:  # disk full, permissions changed, a folder that vanished
+        where = error.filename or output_dir
+        raise ExportError(f"cannot write the folded model to {output_dir}: {where}: {error.strerror or error}") from error
     result.files = [os.path.join(os.path.abspath(output_dir), name) for name in names]
     return result
 

@@ -7,6 +7,7 @@ mabn_d2.
 """
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,7 @@ from mabn_d2.export import (
     ONNXRUNTIME_TOLERANCES,
     TOLERANCES,
     ExportError,
+    check_output_dir,
     check_state_dict_matches,
     compare_predictions,
     export_onnx,
@@ -411,9 +413,29 @@ def test_staged_output_dir_publishes_all_or_nothing(tmp_path):
     with staged_output_dir(str(target)) as stage:
         Path(stage, "a.txt").write_text("a")
     assert sorted(os.listdir(target)) == ["a.txt"] and os.listdir(tmp_path) == ["out"]
-    with staged_output_dir(str(target)) as stage:  # an existing folder: files are replaced one by one
+    with staged_output_dir(str(target)) as stage:  # an existing folder is replaced as a whole
         Path(stage, "b.txt").write_text("b")
-    assert sorted(os.listdir(target)) == ["a.txt", "b.txt"]
+    assert sorted(os.listdir(target)) == ["b.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_output_dir_policy(tmp_path):
+    check_output_dir(str(tmp_path / "new"), overwrite=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(str(tmp_path / "empty"), overwrite=False)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("model_folded.pth", "config_folded.yaml", "model_fused.pth", "model.ts"):
+        (earlier / name).write_text("x")
+    with pytest.raises(ExportError, match=r"earlier is not empty \(config_folded.yaml, model.ts, .*pass --overwrite"):
+        check_output_dir(str(earlier), overwrite=False)
+    check_output_dir(str(earlier), overwrite=True)
+    (earlier / "model_final.pth").write_text("a training checkpoint")
+    with pytest.raises(ExportError, match=r"holds files the fold tool does not write \(model_final.pth\)"):
+        check_output_dir(str(earlier), overwrite=True)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ExportError, match=f"output folder {a_file} exists and is not a folder"):
+        check_output_dir(str(a_file), overwrite=True)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -482,6 +504,108 @@ def test_tool_missing_config(tmp_path, capsys):
     rc, err = _run_tool(capsys, "--config-file", tmp_path / "no.yaml", "--weights", "w.pth", "--output-dir", tmp_path / "out")
     assert rc == 1 and f"cannot read config {tmp_path / 'no.yaml'}" in err
     _assert_no_output(tmp_path / "out")
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("fold_mabn: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_tool_refuses_a_non_empty_output_dir_and_replaces_it_with_overwrite(saved, tmp_path, capsys):
+    folder, _ = saved
+    output = tmp_path / "folded"
+    output.mkdir()
+    for name in ("model_folded.pth", "config_folded.yaml", "model_fused.pth", "model.ts"):  # an earlier --fuse --export
+        (output / name).write_text("earlier run")
+    common = ["--config-file", folder / "config.yaml", "--weights", folder / "model.pth", "--output-dir", output]
+    rc, err = _run_tool(capsys, *common)
+    assert rc == 1 and f"output folder {output} is not empty" in _one_line(err) and "--overwrite" in err
+    assert (output / "model.ts").read_text() == "earlier run"
+    rc, err = _run_tool(capsys, *common, "--overwrite")
+    assert rc == 0, err
+    assert sorted(os.listdir(output)) == ["config_folded.yaml", "model_folded.pth"]  # exactly this run's files
+    assert sorted(os.listdir(tmp_path)) == ["folded"]  # no staging or replaced folder left
+
+
+def test_tool_output_dir_that_is_a_file(saved, tmp_path, capsys):
+    folder, _ = saved
+    a_file = tmp_path / "model.pth"
+    a_file.write_text("x")
+    rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", folder / "model.pth",
+                        "--output-dir", a_file)
+    assert rc == 1 and f"output folder {a_file} exists and is not a folder" in _one_line(err)
+
+
+def test_tool_read_only_parent(saved, tmp_path, capsys, monkeypatch):
+    folder, _ = saved
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.access(parent, os.W_OK):  # root ignores permission bits: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(parent) else real_access(p, mode))
+    try:
+        rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", folder / "model.pth",
+                            "--output-dir", parent / "out")
+    finally:
+        parent.chmod(0o755)
+    assert rc == 1 and f"cannot write output folder {parent / 'out'}: {parent} is not writable" in _one_line(err)
+    assert os.listdir(parent) == []
+
+
+def test_fold_reports_a_write_failure_in_one_line(mask_rcnn, saved, tmp_path, monkeypatch):
+    cfg, _ = mask_rcnn
+    folder, _ = saved
+    import mabn_d2.export as export
+
+    def full_disk(model, path):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(export, "save_checkpoint", full_disk)
+    with pytest.raises(ExportError, match=r"cannot write the folded model to .*out: .*model_folded.pth: No space left"):
+        fold_checkpoint(cfg, str(folder / "model.pth"), str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_tool_cuda_device_without_cuda(saved, tmp_path, capsys):
+    folder, _ = saved
+    rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", folder / "model.pth",
+                        "--output-dir", tmp_path / "out", "--device", "cuda")
+    assert rc == 1 and "device 'cuda' needs CUDA, which this machine does not have" in _one_line(err)
+    _assert_no_output(tmp_path / "out")
+
+
+SIGNAL_DURING_FOLD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import mabn_d2.export as export
+    real_save = export.save_checkpoint
+    def save_then_signal(model, path):
+        real_save(model, path)  # one file staged, then the signal arrives
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    export.save_checkpoint = save_then_signal
+    sys.path.insert(0, "tools")
+    import fold_mabn
+    sys.exit(fold_mabn.main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_while_staging_leaves_nothing_behind(saved, tmp_path, signame):
+    folder, _ = saved
+    output = tmp_path / "folded"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_FOLD, signame, "--config-file", str(folder / "config.yaml"),
+         "--weights", str(folder / "model.pth"), "--output-dir", str(output), "--fuse"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0 and "wrote" not in result.stdout, result.stderr[-2000:]
+    if signame == "SIGTERM":
+        assert result.returncode == -signal.SIGTERM
+    assert os.listdir(tmp_path) == [], "a staging folder was left behind"
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -3,7 +3,7 @@
 
   python tools/fold_mabn.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
       --weights output/model_final.pth --output-dir output/folded [--fuse] [--export torchscript|onnx] \
-      [--verify N] [--images a.jpg b.jpg] [KEY VALUE ...]
+      [--verify N] [--images a.jpg b.jpg] [--overwrite] [KEY VALUE ...]
 
 Writes OUTPUT/model_folded.pth and OUTPUT/config_folded.yaml: every NORM "MABN" becomes
 "FrozenBN" (the RetinaNet head keeps per-level statistics as "BN" when they differ by level) and
@@ -12,6 +12,11 @@ without mabn_d2. --fuse also writes model_fused.pth, whose norms are folded into
 it matches no config and is what --export exports. --verify N compares predictions of the
 original (eval mode) and the folded model(s) on N images of DATASETS.TEST (or --images) and fails
 above the tolerances in `mabn_d2.export.TOLERANCES`. Nothing is written unless every check passes.
+
+OUTPUT ends up holding exactly this run's files: a folder that is not empty is refused unless
+--overwrite is given, and then replaced as a whole (only if it holds nothing but fold outputs).
+The files are staged in a hidden folder beside OUTPUT, removed on any failure, SIGTERM or
+SIGINT. Every error is one line on stderr, exit status 1.
 """
 import argparse
 import logging
@@ -23,7 +28,8 @@ from detectron2.utils.logger import setup_logger
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
 from mabn_d2.config import add_mabn_config
 from mabn_d2.data.builtin import register_demo_datasets
-from mabn_d2.export import EXPORT_FORMATS, TOLERANCES, ExportError, fold_checkpoint
+from mabn_d2.export import EXPORT_FORMATS, TOLERANCES, ExportError, check_output_dir, fold_checkpoint
+from mabn_d2.preflight import UsageError, check_device
 
 logger = logging.getLogger("mabn_d2.fold_mabn")
 
@@ -38,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify", type=int, default=0, metavar="N", help="compare predictions on N images")
     parser.add_argument("--images", nargs="+", default=[], help="image files for --verify / --export")
     parser.add_argument("--device", default="cpu", help="device to fold, verify and export on")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output-dir that holds an earlier fold's files")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args(argv)
 
@@ -47,20 +55,26 @@ def main(argv=None) -> int:
     setup_logger(name="mabn_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     try:
+        check_output_dir(args.output_dir, args.overwrite)
+        check_device(args.device)
         cfg = get_cfg()
         add_mabn_config(cfg)
         try:
             cfg.merge_from_file(args.config_file)
         except Exception as e:  # missing file, bad YAML, unknown keys
-            raise ExportError(f"cannot read config {args.config_file} ({e})") from e
-        cfg.merge_from_list(args.opts)
+            raise ExportError(f"cannot read config {args.config_file} ({_first_line(e)})") from e
+        try:
+            cfg.merge_from_list(args.opts)
+        except Exception as e:  # unknown key, odd number of items
+            raise ExportError(f"bad config override {args.opts} ({_first_line(e)})") from e
         if (args.verify > 0 or args.export) and not args.images:
             register_demo_datasets(cfg)
         result = fold_checkpoint(
             cfg, args.weights, args.output_dir, fuse=args.fuse, export=args.export, verify=args.verify,
             images=args.images, device=args.device, config_name=f"config {args.config_file}",
+            overwrite=args.overwrite,
         )
-    except ExportError as e:
+    except (ExportError, UsageError) as e:
         print(f"fold_mabn: error: {e}", file=sys.stderr)
         return 1
     print(result.report.summary())
@@ -74,6 +88,10 @@ def main(argv=None) -> int:
     for path in result.files:
         print(f"wrote {path}")
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 if __name__ == "__main__":
