@@ -270,3 +270,46 @@ def test_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["num_train"] == 3 and out["num_val"] == 2 and out["created"] is True
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["arguments"]["seed"] == 7
+
+
+# --------------------------------------------------------------------------- #
+# Interrupted builds
+# --------------------------------------------------------------------------- #
+SIGNAL_DURING_BUILD = """
+import os, signal, sys
+from mabn_d2.data import fashion_mnist_coco as fmc
+real_png, written = fmc._png_bytes, []
+def png_then_signal(gray):
+    written.append(1)
+    if len(written) == 3:  # three canvases into the build, the signal arrives
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real_png(gray)
+fmc._png_bytes = png_then_signal
+fmc.build_fashion_mnist_coco(sys.argv[2], num_train=20, num_val=4)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_during_build_leaves_no_temporary_folder(tmp_path, signame):
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", SIGNAL_DURING_BUILD, signame, str(tmp_path / "ds")],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "not reached" not in result.stdout, result.stderr[-2000:]
+    if signame == "SIGTERM":
+        assert result.returncode == -signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [], "a temporary or partial dataset folder was left behind"
+
+
+def test_failed_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fmc, "_png_bytes", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_fashion_mnist_coco(tmp_path / "ds", num_train=2, num_val=1)
+    assert list(tmp_path.iterdir()) == []

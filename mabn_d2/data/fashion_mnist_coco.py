@@ -12,8 +12,9 @@ Guarantees:
 * nothing is downloaded; the source is read from local IDX gzip files;
 * generation is deterministic: the same arguments give byte-identical JSON,
   which never contains timestamps or absolute paths;
-* the output directory is written once and atomically (built in a sibling
-  temporary directory, then moved into place with ``os.replace``), and is
+* the output directory is written once and atomically (built in a hidden sibling
+  temporary directory, then moved into place with ``os.replace``; the temporary
+  directory is removed on any failure, SIGTERM or SIGINT), and is
   described by ``manifest.json`` so reruns are cheap no-ops and mismatched
   reruns fail loudly instead of silently mixing datasets.
 
@@ -33,9 +34,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -43,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
+
+from ..atomic_io import staged_directory
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -497,8 +498,9 @@ def build_fashion_mnist_coco(
     sources = {src: load_fashion_mnist(src, source_dir) for split, src, _ in _SPLITS if counts[f"num_{split}"] > 0}
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    # Built in a hidden sibling folder, removed on any failure, SIGTERM or SIGINT.
+    with staged_directory(str(root), "tmp") as stage:
+        tmp = Path(stage)
         files: Dict[str, str] = {}
         for split, src, key in _SPLITS:
             n = counts[f"num_{split}"]
@@ -534,9 +536,6 @@ def build_fashion_mnist_coco(
                 raise
             logger.info("Fashion-MNIST COCO dataset was built concurrently at %s; reusing it.", root)
             return _result(root, existing, created=False)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
         "Built Fashion-MNIST COCO dataset at %s: %d train / %d val images, %d / %d instances.",
         root, counts["num_train"], counts["num_val"], counts["num_train_annotations"], counts["num_val_annotations"],
