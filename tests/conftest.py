@@ -1,7 +1,11 @@
 import os
 import sys
 
-import pytest
+# Triton kernels are tested on the CPU under Triton's interpreter, which must be on before
+# anything imports triton (torch does, lazily). Export TRITON_INTERPRET=0 to opt out.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:

@@ -50,38 +50,32 @@ def _keep_finite(new, old):
 
 
 @triton.jit
-def _tile_offsets(tile, c_offs, C, HW, count, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Element offsets and mask of reduction tile `tile` for the channels `c_offs`.
-
-    channels_last: [BLOCK_R rows of N*H*W, BLOCK_C channels]; NCHW: [BLOCK_C channels,
-    BLOCK_R positions of H*W] of one image. Offsets are int64.
-    """
-    if CHANNELS_LAST:
-        rows = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs = rows[:, None] * C + c_offs[None, :]
-        mask = (rows < count)[:, None] & (c_offs < C)[None, :]
-    else:
-        hw_tiles = tl.cdiv(HW, BLOCK_R)
-        image = tile // hw_tiles
-        hw = (tile % hw_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs = (tl.cast(image, tl.int64) * C + c_offs[:, None]) * HW + hw[None, :]
-        mask = (c_offs < C)[:, None] & (hw < HW)[None, :]
-    return offs, mask
-
-
-@triton.jit
 def _partial_channel_sums(
     a_ptr, b_ptr, c_offs, pid_split, num_splits, num_tiles, C, HW, count, acc_dtype: tl.constexpr,
     SQUARE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """This program's share of sum(a*b) and sum(a) per channel (b is a when SQUARE)."""
+    """This program's share of sum(a*b) and sum(a) per channel (b is a when SQUARE).
+
+    Tiles are taken round-robin. channels_last: tile `t` is [BLOCK_R rows of N*H*W,
+    BLOCK_C channels]; NCHW: [BLOCK_C channels, BLOCK_R positions of H*W] of one image.
+    Offsets are int64.
+    """
     if CHANNELS_LAST:
         acc_ab = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
     else:
         acc_ab = tl.zeros([BLOCK_C, BLOCK_R], dtype=acc_dtype)
     acc_a = tl.zeros_like(acc_ab)
+    hw_tiles = tl.cdiv(HW, BLOCK_R)
     for tile in range(pid_split, num_tiles, num_splits):
-        offs, mask = _tile_offsets(tile, c_offs, C, HW, count, CHANNELS_LAST, BLOCK_R)
+        if CHANNELS_LAST:
+            rows = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            offs = rows[:, None] * C + c_offs[None, :]
+            mask = (rows < count)[:, None] & (c_offs < C)[None, :]
+        else:
+            image = tile // hw_tiles
+            hw = (tile % hw_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+            offs = (tl.cast(image, tl.int64) * C + c_offs[:, None]) * HW + hw[None, :]
+            mask = (c_offs < C)[:, None] & (hw < HW)[None, :]
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
         if SQUARE:
             acc_ab += a * a
