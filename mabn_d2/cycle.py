@@ -64,13 +64,13 @@ class CycleMABNList(nn.ModuleList):
         hyper-parameters and state, on its device, so the list first computes what `norm` did,
         and from then on keeps each level's statistics apart.
         """
-        levels = cls(length, norm.num_features, norm_class=lambda _: copy.deepcopy(norm))
+        levels = cls(length, norm.num_features, norm_class=lambda _: copy.deepcopy(norm)).to(norm.weight.device)
         with torch.no_grad():
             levels.weight.copy_(norm.weight)
             levels.bias.copy_(norm.bias)
         levels.weight.requires_grad_(norm.weight.requires_grad)
         levels.bias.requires_grad_(norm.bias.requires_grad)
-        return levels.to(norm.weight.device)
+        return levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self[self._pos](x)

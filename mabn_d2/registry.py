@@ -1,41 +1,43 @@
-"""detectron2 glue: the NORM strings "MABN" and "BRN", centralization at build, freezing, RetinaNet.
+"""detectron2 glue: the NORM strings "MABN" and "BRN", and the MABN pass at every build.
 
-detectron2 resolves NORM strings in `get_norm`, whose name table is a literal inside the
-function and which every caller binds at import. `register_norms` therefore wraps `get_norm`
-once and rebinds every module attribute that still holds the original (new importers get the
-wrapper from `detectron2.layers`). The hooks, each installed once:
+detectron2 is hooked in two places, each wrapped once (the wrapper keeps the original as
+`__wrapped__`):
 
-- `get_norm`: "MABN" -> MABN2d, "BRN" -> BatchRenorm2d; every other value is delegated.
-- `build_model`: runs the build inside a context holding cfg.MODEL.MABN / cfg.MODEL.BRN, since
-  `get_norm` never sees the cfg (`mabn_build_context` is the same context for hand-built models).
-- `Conv2d.__init__`: a detectron2 Conv2d built with an MABN norm becomes a CenteredConv2d, so
-  exactly the convolutions feeding MABN are weight-centralized, before any stage is frozen.
-- `FrozenBatchNorm2d.convert_frozen_batchnorm`: also freezes MABN2d / BatchRenorm2d (it only
-  knows BatchNorm classes), so FREEZE_AT freezes MABN stages instead of silently training them.
-- `RetinaNetHead.__init__`: per-level statistics (`CycleMABNList`) for the head shared across FPN
-  levels, as detectron2 does for "BN", with centralized convolutions.
+- `get_norm`: "MABN" -> MABN2d, "BRN" -> BatchRenorm2d; every other value is delegated, and an
+  unknown name fails with the list of valid ones. YAML configs can only name a norm, and
+  `get_norm` keeps its name table inside the function, so it is wrapped, and the modules of
+  detectron2 (detectron2.projects included) that bound it at import are pointed at the
+  wrapper; later importers get it from `detectron2.layers`.
+- `build_model`: runs the build inside the context holding cfg.MODEL.MABN / cfg.MODEL.BRN
+  (`get_norm` never sees the cfg), then `prepare_mabn_model`. Every module binding the original
+  is pointed at the wrapper, also outside detectron2 (a script that imported it before
+  `mabn_d2`): a stale `build_model` would return a model without the pass, silently.
+
+Everything else MABN needs (centralized convolutions, frozen stages, per-level statistics in
+RetinaNet's head) is the explicit pass `mabn_d2.prepare_mabn_model`. Models built another way
+(by hand, `instantiate` of a LazyConfig) call it themselves; `mabn_build_context` gives the
+"MABN" strings hyper-parameters there, or the norm is a callable building MABN2d directly.
 """
 import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 import threading
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Tuple
 
-from detectron2.config import CfgNode, configurable
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.config import CfgNode
 from detectron2.layers import batch_norm as _d2_batch_norm
 from detectron2.modeling.meta_arch import build as _d2_build
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
 from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
-from .cycle import CycleMABNList
-from .layers import BatchRenorm2d, CenteredConv2d, MABN2d, centralize_conv_
-from .layers.base import frozen_batchnorm_from
+from .layers import BatchRenorm2d, MABN2d
+from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
 __all__ = ["register_norms", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
 
@@ -43,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 _HOOK_MARK = "_mabn_d2_hook"
 _LOCK = threading.Lock()
-_FREEZABLE = (MABN2d, BatchRenorm2d)
 
 # Keyword arguments for the layers that "MABN" / "BRN" build; empty means the layer defaults.
 _MABN_KWARGS: ContextVar[Mapping[str, Any]] = ContextVar("mabn_d2_mabn_kwargs", default=MappingProxyType({}))
@@ -80,8 +81,9 @@ def mabn_build_context(**kwargs: Any) -> Iterator[None]:
     """MABN2d keyword arguments for every "MABN" norm built inside (e.g. ``buffer_size=8``).
 
     `get_norm` never sees a cfg; `build_model` enters this context from cfg.MODEL.MABN, and
-    models built by hand or from a LazyConfig can use it directly. Nested contexts override
-    the enclosing one key by key; outside any context the MABN2d defaults apply.
+    models built by hand or from a LazyConfig use it directly (then `prepare_mabn_model`).
+    Nested contexts override the enclosing one key by key; outside any context the MABN2d
+    defaults apply.
     """
     with _layer_context(_MABN_KWARGS, MABN2d, kwargs, "mabn_build_context"):
         yield
@@ -129,11 +131,38 @@ def _build_brn(channels: int) -> BatchRenorm2d:
 NORMS: Mapping[str, Callable[[int], nn.Module]] = MappingProxyType({"MABN": _build_mabn, "BRN": _build_brn})
 
 
-def _feeds_mabn(norm: Optional[nn.Module]) -> bool:
-    """Whether a convolution followed by `norm` must be weight-centralized."""
-    if isinstance(norm, CycleMABNList):
-        return isinstance(norm[0], MABN2d)
-    return isinstance(norm, MABN2d)
+# ---------------------------------------------------------------- detectron2's shared-norm warning
+
+
+class _PerLevelNormWarningFilter(logging.Filter):
+    """Drops RetinaNetHead's "Shared BatchNorm ... may not work well" for the norms that
+    `prepare_mabn_model` gives per-level statistics right after the build; others still warn."""
+
+    _MESSAGE = re.compile(r"Shared BatchNorm \(type=<class '([\w.]+)'>\)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._MESSAGE.match(record.getMessage())
+        if match is None:
+            return True
+        module_name, _, class_name = match.group(1).rpartition(".")
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        return not (isinstance(cls, type) and issubclass(cls, MOVING_AVERAGE_NORMS))
+
+
+_PER_LEVEL_NORM_WARNING_FILTER = _PerLevelNormWarningFilter()
+
+
+@contextlib.contextmanager
+def _per_level_norm_warning_dropped() -> Iterator[None]:
+    retinanet_logger = logging.getLogger(RetinaNetHead.__module__)
+    added = _PER_LEVEL_NORM_WARNING_FILTER not in retinanet_logger.filters
+    if added:
+        retinanet_logger.addFilter(_PER_LEVEL_NORM_WARNING_FILTER)
+    try:
+        yield
+    finally:
+        if added:
+            retinanet_logger.removeFilter(_PER_LEVEL_NORM_WARNING_FILTER)
 
 
 # ---------------------------------------------------------------- hooks (each wraps the original)
@@ -159,95 +188,26 @@ def _extend_get_norm(original: Callable) -> Callable:
     def get_norm(norm, out_channels):
         if isinstance(norm, str) and norm in NORMS:
             return NORMS[norm](out_channels)
-        return original(norm, out_channels)
+        try:
+            return original(norm, out_channels)
+        except KeyError as error:
+            if not (isinstance(norm, str) and error.args == (norm,)):
+                raise
+            from .preflight import valid_norm_names  # here: preflight imports this module
+
+            raise ValueError(f"unknown NORM {norm!r}; valid names: {', '.join(valid_norm_names())}") from None
 
     return _mark(get_norm)
 
 
-def _build_in_cfg_context(original: Callable) -> Callable:
+def _build_and_prepare(original: Callable) -> Callable:
     @functools.wraps(original)
     def build_model(cfg):
-        with build_context_from_cfg(cfg):
-            return original(cfg)
+        with build_context_from_cfg(cfg), _per_level_norm_warning_dropped():
+            model = original(cfg)
+        return prepare_mabn_model(model)
 
     return _mark(build_model)
-
-
-def _centralize_at_init(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if not _feeds_mabn(getattr(self, "norm", None)) or isinstance(self, CenteredConv2d):
-            return
-        if type(self) is Conv2d:
-            centralize_conv_(self)
-        else:
-            logger.warning(
-                f"{type(self).__name__} feeds an MABN layer but is not a plain detectron2 Conv2d, "
-                "so its weight is not centralized; MABN assumes zero-mean filters."
-            )
-
-    return _mark(__init__)
-
-
-def _frozen_from(cls: type, norm: nn.Module) -> nn.Module:
-    """A FrozenBatchNorm2d computing `norm`'s eval-mode function (MABN: running_mean is 0)."""
-    frozen = frozen_batchnorm_from(norm, cls)
-    frozen.num_batches_tracked = norm.num_batches_tracked.detach().clone()
-    return frozen
-
-
-def _freeze_mabn_too(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def convert_frozen_batchnorm(cls, module):
-        if isinstance(module, _FREEZABLE):
-            return _frozen_from(cls, module)
-        return original(cls, module)  # recurses through cls.convert_frozen_batchnorm, i.e. here
-
-    return _mark(convert_frozen_batchnorm)
-
-
-def _per_level_factory(norm: Any) -> Optional[Callable[[int], nn.Module]]:
-    """A per-level norm factory when `norm` resolves to MABN2d / BatchRenorm2d, else None."""
-    if not norm or (isinstance(norm, str) and norm not in NORMS):
-        return None
-    get_norm = _d2_batch_norm.get_norm
-    if isinstance(norm, str) or isinstance(get_norm(norm, 32), _FREEZABLE):
-        return functools.partial(get_norm, norm)
-    return None
-
-
-def _insert_per_level_norms(subnet: nn.Sequential, levels: int, factory: Callable) -> nn.Sequential:
-    """[conv, relu]* -> [conv, norm, relu]*: the module indices of the subnet built with a norm."""
-    layers = []
-    for layer in subnet:
-        layers.append(layer)
-        if isinstance(layer, nn.Conv2d):
-            norm = CycleMABNList(levels, layer.out_channels, norm_class=factory)
-            if _feeds_mabn(norm):
-                centralize_conv_(layer)
-            layers.append(norm)
-    return nn.Sequential(*layers)
-
-
-def _per_level_retinanet_init(configurable_init: Callable) -> Callable:
-    raw_init = configurable_init.__wrapped__  # the __init__ under @configurable
-
-    def __init__(self, *, norm="", **kwargs):
-        factory = _per_level_factory(norm)
-        if factory is None:
-            raw_init(self, norm=norm, **kwargs)
-            return
-        # Built without a norm (no shared-BN warning), then given one norm list per conv.
-        raw_init(self, norm="", **kwargs)
-        levels = self._num_features
-        logger.info(f"Using per-level {norm} in RetinaNetHead with len={levels}.")
-        self.cls_subnet = _insert_per_level_norms(self.cls_subnet, levels, factory)
-        self.bbox_subnet = _insert_per_level_norms(self.bbox_subnet, levels, factory)
-
-    __init__.__doc__ = raw_init.__doc__
-    __init__.__signature__ = inspect.signature(raw_init)  # keep the documented keyword arguments
-    return _mark(configurable(__init__))
 
 
 def _original_of(fn: Callable) -> Callable:
@@ -267,43 +227,35 @@ def _hook_function(module: Any, name: str, make_hook: Callable[[Callable], Calla
     return current, hook
 
 
-def _rebind_everywhere(pairs: List[Tuple[Callable, Callable]]) -> None:
-    """Point every module attribute that holds an original function at its hook."""
-    hooks = {id(original): (original, hook) for original, hook in pairs}
-    for module in list(sys.modules.values()):
+def _is_detectron2_module(name: str) -> bool:
+    return name == "detectron2" or name.startswith("detectron2.")  # detectron2.projects.* included
+
+
+def _rebind(pair: Tuple[Callable, Callable], modules: Iterable[Any]) -> None:
+    """Point every attribute of `modules` that holds the original function at its hook."""
+    original, hook = pair
+    for module in modules:
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
             continue
         for name, value in list(namespace.items()):
-            pair = hooks.get(id(value))
-            if pair is not None and pair[0] is value:
+            if value is original:
                 try:
-                    setattr(module, name, pair[1])
+                    setattr(module, name, hook)
                 except (AttributeError, TypeError):  # a read-only module proxy: nothing to rebind
                     logger.debug(f"Could not rebind {name} in {module!r}")
 
 
 def register_norms() -> None:
-    """Install the hooks described in the module docstring; calling it again changes nothing.
+    """Install the two hooks described in the module docstring; calling it again changes nothing
+    but pointing late bindings at them.
 
     Called on ``import mabn_d2``. Every NORM string other than "MABN" / "BRN" keeps its
     detectron2 behaviour.
     """
     with _LOCK:
-        _rebind_everywhere(
-            [
-                _hook_function(_d2_batch_norm, "get_norm", _extend_get_norm),
-                _hook_function(_d2_build, "build_model", _build_in_cfg_context),
-            ]
-        )
-
-        if not _is_hooked(Conv2d.__init__):
-            Conv2d.__init__ = _centralize_at_init(Conv2d.__init__)
-        convert = FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__
-        if not _is_hooked(convert):
-            FrozenBatchNorm2d.convert_frozen_batchnorm = classmethod(_freeze_mabn_too(convert))
-        if not _is_hooked(RetinaNetHead.__init__):
-            if hasattr(RetinaNetHead.__init__, "__wrapped__"):
-                RetinaNetHead.__init__ = _per_level_retinanet_init(RetinaNetHead.__init__)
-            else:
-                logger.warning("RetinaNetHead.__init__ has an unexpected form; MABN there would share statistics.")
+        loaded: List[Tuple[str, Any]] = list(sys.modules.items())
+        get_norm = _hook_function(_d2_batch_norm, "get_norm", _extend_get_norm)
+        _rebind(get_norm, (module for name, module in loaded if _is_detectron2_module(name)))
+        build_model = _hook_function(_d2_build, "build_model", _build_and_prepare)
+        _rebind(build_model, (module for _, module in loaded))

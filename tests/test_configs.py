@@ -1,11 +1,14 @@
 """The shipped configs: every YAML merges, the MABN ones build the paper's layout, the LazyConfig too."""
+import functools
 import glob
 import os
 
 import pytest
+import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
+from mabn_d2 import prepare_mabn_model
 from mabn_d2.engine import setup_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
 
@@ -35,12 +38,24 @@ def _mabn_layout(model):
     return len(norms), len(centered)
 
 
+def _modules(model):
+    return [(name, type(m), m.extra_repr()) for name, m in model.named_modules()]
+
+
 def test_yaml_and_lazy_scratch_configs_build_the_same_mabn_model():
     cfg = setup_cfg(os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
     yaml_model = build_model(cfg)
     lazy = LazyConfig.load(os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_mabn_scratch.py"))
+    assert lazy.model._target_ is prepare_mabn_model  # the pass is part of the model's recipe
+    assert isinstance(lazy.model.model.backbone.norm, functools.partial)  # norms as callables
+    torch.manual_seed(0)
     lazy_model = instantiate(lazy.model)
     # 53 in the R50 bottom-up, 8 in FPN, 4 in the box head, 4 in the mask head
     assert _mabn_layout(yaml_model) == _mabn_layout(lazy_model) == (69, 69)
     assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER and lazy.dataloader.train.total_batch_size == 16
     assert yaml_model.state_dict().keys() == lazy_model.state_dict().keys()
+    # the same modules with the same settings (MABN hyper-parameters included) and the same values
+    assert _modules(yaml_model) == _modules(lazy_model)
+    lazy_state = lazy_model.state_dict()
+    assert all(torch.equal(value, lazy_state[key]) for key, value in yaml_model.state_dict().items())

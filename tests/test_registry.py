@@ -1,7 +1,10 @@
-"""The detectron2 glue: NORM strings, centralization at build, cfg plumbing, freezing, RetinaNet."""
+"""The detectron2 glue: NORM strings, cfg plumbing, and the MABN pass at build (centralization,
+frozen stages, per-level RetinaNet statistics), also run by hand."""
 import collections
 import importlib
 import logging
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -13,16 +16,19 @@ import mabn_d2
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import get_cfg, instantiate
-from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d, ShapeSpec
 from detectron2.layers import batch_norm as d2_batch_norm
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, RetinaNet, build_model
 from detectron2.modeling.backbone.resnet import BasicStem
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
-from mabn_d2 import BatchRenorm2d, CenteredConv2d, MABN2d, add_mabn_config, mabn_build_context, register_norms
+from mabn_d2 import (
+    BatchRenorm2d, CenteredConv2d, MABN2d, add_mabn_config, mabn_build_context, prepare_mabn_model, register_norms,
+)
+from mabn_d2 import registry
 from mabn_d2.cycle import CycleMABNList
-from mabn_d2.registry import brn_build_context
+from mabn_d2.registry import brn_build_context, build_context_from_cfg
 
 MABN_CFG = dict(BUFFER_SIZE=4, MOMENTUM=0.9, WARMUP_ITERS=7, RENORM_WARMUP_ITERS=30, RENORM_CLIP=2.5, EPS=1e-3)
 MABN_ATTRS = dict(buffer_size=4, momentum=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=2.5, eps=1e-3)
@@ -82,10 +88,17 @@ def mask_rcnn_cfg(norm="MABN", mabn=None, small=False):
     return cfg
 
 
-def retinanet_cfg(head_norm):
-    cfg = zoo_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml", norm="FrozenBN", small=True)
+def retinanet_cfg(head_norm, mabn=None):
+    cfg = zoo_cfg("COCO-Detection/retinanet_R_50_FPN_1x.yaml", norm="FrozenBN", mabn=mabn, small=True)
     cfg.MODEL.FPN.NORM = ""
     cfg.MODEL.RETINANET.NORM = head_norm
+    return cfg
+
+
+def frozen_stem_res2_cfg(arch):
+    """Small Mask R-CNN (MABN everywhere) or RetinaNet (MABN head), FREEZE_AT 2, MABN_CFG values."""
+    cfg = mask_rcnn_cfg("MABN", MABN_CFG, small=True) if arch == "mask_rcnn" else retinanet_cfg("MABN", MABN_CFG)
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
     return cfg
 
 
@@ -136,6 +149,26 @@ def assert_centralized(conv):
         out = conv(x)
         torch.testing.assert_close(out, reference(w - w.mean(dim=(1, 2, 3), keepdim=True)), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(out, reference(w), rtol=1e-3, atol=1e-4)
+
+
+def structure(model):
+    """Every module's name, class and settings (hyper-parameters, shapes), in order."""
+    return [(name, type(m), m.extra_repr()) for name, m in model.named_modules()]
+
+
+def assert_same_model(a, b):
+    """Same modules (class, settings) under the same names and the same state, value for value."""
+    assert structure(a) == structure(b)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert list(sd_a) == list(sd_b)
+    for key in sd_a:
+        assert torch.equal(sd_a[key], sd_b[key]), key
+    assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+
+
+def seeded(build, seed=0):
+    torch.manual_seed(seed)
+    return build()
 
 
 def detection_batch(size=64, n=2, masks=False, sem_seg=False):
@@ -232,10 +265,10 @@ def test_other_norms_behave_as_the_original_get_norm(norm):
         assert ours.state_dict().keys() == theirs.state_dict().keys()
 
 
-def test_unknown_norm_string_still_fails_as_before():
+def test_unknown_norm_string_fails_naming_the_valid_ones():
     with pytest.raises(KeyError):
         d2_batch_norm.get_norm.__wrapped__("NoSuchNorm", 8)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown NORM 'NoSuchNorm'; valid names: .*BN.*MABN"):
         d2_batch_norm.get_norm("NoSuchNorm", 8)
 
 
@@ -244,9 +277,6 @@ def test_register_norms_is_idempotent():
         d2_batch_norm.get_norm,
         build_model,
         importlib.import_module("detectron2.modeling").build_model,
-        Conv2d.__init__,
-        FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__,
-        RetinaNetHead.__init__,
     )
     before = hooks()
     register_norms()
@@ -255,8 +285,37 @@ def test_register_norms_is_idempotent():
     for fn in before:
         assert getattr(fn, "_mabn_d2_hook", False)
         assert not getattr(fn.__wrapped__, "_mabn_d2_hook", False)  # wrapped once, not twice
-    stem = BasicStem(3, 8, norm="MABN")
-    assert type(stem.conv1) is CenteredConv2d and isinstance(stem.conv1.norm, MABN2d)
+
+
+def test_only_get_norm_and_build_model_are_wrapped():
+    untouched = (
+        Conv2d.__init__,
+        FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__,
+        RetinaNetHead.__init__,
+        RetinaNetHead.__init__.__wrapped__,  # the __init__ under @configurable
+    )
+    for fn in untouched:
+        assert not registry._is_hooked(fn), fn
+        assert fn.__module__.startswith("detectron2."), fn
+    stem = BasicStem(3, 8, norm="MABN")  # outside build_model: detectron2's modules as they are
+    assert type(stem.conv1) is Conv2d and isinstance(stem.conv1.norm, MABN2d)
+    assert prepare_mabn_model(stem) is stem and type(stem.conv1) is CenteredConv2d
+
+
+def test_get_norm_rebinding_touches_only_detectron2_modules(monkeypatch):
+    original_get_norm = d2_batch_norm.get_norm.__wrapped__
+    original_build = build_model.__wrapped__
+    outside = types.ModuleType("mabn_d2_test_outside_detectron2")
+    inside = types.ModuleType("detectron2.mabn_d2_test_inside")
+    project = types.ModuleType("detectron2.projects.mabn_d2_test_project")
+    for module in (outside, inside, project):
+        module.get_norm, module.build_model = original_get_norm, original_build
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    register_norms()
+    assert outside.get_norm is original_get_norm  # other packages keep what they imported
+    assert inside.get_norm is project.get_norm is d2_batch_norm.get_norm
+    # build_model is rebound everywhere: a stale one would build models without the pass, silently.
+    assert outside.build_model is inside.build_model is project.build_model is build_model
 
 
 # ---------------------------------------------------------------- Mask R-CNN R50-FPN (build only)
@@ -355,6 +414,61 @@ def test_default_trainer_and_predictor_build_with_cfg_values():
     assert "instances" in predictions
 
 
+@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+def test_stock_build_model_equals_the_trainers_and_the_predictors(arch):
+    from detectron2.engine import DefaultPredictor, DefaultTrainer
+    from detectron2.modeling import build_model as stock_build_model
+
+    from mabn_d2.engine import MABNTrainer
+
+    cfg = frozen_stem_res2_cfg(arch)
+    stock = seeded(lambda: stock_build_model(cfg))
+    assert of_type(stock, CenteredConv2d) and of_type(stock, MABN2d) and of_type(stock, FrozenBatchNorm2d)
+    for build in (DefaultTrainer.build_model, MABNTrainer.build_model, lambda c: DefaultPredictor(c).model):
+        assert_same_model(stock, seeded(lambda: build(cfg)))
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+def test_hand_built_model_and_the_pass_equal_the_built_one(arch):
+    cfg = frozen_stem_res2_cfg(arch)
+    meta_arch = GeneralizedRCNN if arch == "mask_rcnn" else RetinaNet
+    built = seeded(lambda: build_model(cfg))
+    with mabn_build_context(**MABN_ATTRS):
+        by_hand = seeded(lambda: meta_arch(cfg))
+    # detectron2 alone: MABN layers, but no MABN-specific step
+    assert of_type(by_hand, MABN2d) and not of_type(by_hand, CenteredConv2d) and not of_type(by_hand, CycleMABNList)
+    if arch == "mask_rcnn":
+        assert of_type(by_hand.backbone.bottom_up.stem, MABN2d)  # frozen, yet not converted
+    assert prepare_mabn_model(by_hand) is by_hand
+    assert_same_model(built, by_hand)
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+def test_the_pass_is_idempotent(arch):
+    cfg = frozen_stem_res2_cfg(arch)
+    model = build_model(cfg)
+    assert of_type(model, CenteredConv2d) and of_type(model, FrozenBatchNorm2d)
+    if arch == "retinanet":
+        assert of_type(model.head, CycleMABNList)
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    before = structure(model), {k: v.clone() for k, v in model.state_dict().items()}
+    assert prepare_mabn_model(prepare_mabn_model(model)) is model
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    assert structure(model) == before[0]
+    state = model.state_dict()
+    assert list(state) == list(before[1]) and all(torch.equal(state[k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
+def test_modules_the_pass_creates_live_on_the_models_device(arch):
+    """build_model moves the model to MODEL.DEVICE before the pass; "meta" shows where new tensors go."""
+    cfg = frozen_stem_res2_cfg(arch)
+    cfg.MODEL.DEVICE = "meta"
+    model = build_model(cfg)
+    assert of_type(model, FrozenBatchNorm2d) and (arch == "mask_rcnn" or of_type(model, CycleMABNList))
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"meta"}
+
+
 def test_cfg_without_mabn_section_uses_defaults_or_the_enclosing_context():
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
@@ -392,15 +506,18 @@ def test_brn_cfg_reaches_batch_renorm_layers_and_leaves_convs_plain():
 # ---------------------------------------------------------------- hand-built models, contexts
 
 
-def test_hand_built_modules_are_centralized_and_follow_the_context():
-    assert type(BasicStem(3, 8, norm="BN").conv1) is Conv2d
-    stem = BasicStem(3, 8, norm="MABN")
+def test_hand_built_modules_are_centralized_by_the_pass_and_follow_the_context():
+    assert type(prepare_mabn_model(BasicStem(3, 8, norm="BN")).conv1) is Conv2d
+    stem = prepare_mabn_model(BasicStem(3, 8, norm="MABN"))
     assert type(stem.conv1) is CenteredConv2d
+    assert_centralized(stem.conv1)
     assert stem.conv1.norm.buffer_size == 16  # outside a context: the layer defaults
     with mabn_build_context(buffer_size=3, momentum=0.5):
         with mabn_build_context(momentum=0.7):  # nested: overrides key by key
             inner = BasicStem(3, 8, norm="MABN").conv1.norm
-        outer = instantiate(L(BasicStem)(in_channels=3, out_channels=8, norm="MABN")).conv1.norm
+        outer_stem = instantiate(L(prepare_mabn_model)(model=L(BasicStem)(in_channels=3, out_channels=8, norm="MABN")))
+        outer = outer_stem.conv1.norm
+    assert type(outer_stem.conv1) is CenteredConv2d
     assert (inner.buffer_size, inner.momentum) == (3, 0.7)
     assert (outer.buffer_size, outer.momentum) == (3, 0.5)
     assert BasicStem(3, 8, norm="MABN").conv1.norm.momentum == 0.98
@@ -409,11 +526,27 @@ def test_hand_built_modules_are_centralized_and_follow_the_context():
     assert d2_batch_norm.get_norm("BRN", 4).r_max == 3.0
 
 
-def test_plain_conv_with_mabn_norm_is_centralized():
+def test_plain_conv_with_mabn_norm_is_centralized_by_the_pass():
     conv = Conv2d(4, 6, kernel_size=3, padding=1, norm=MABN2d(6))
+    assert type(conv) is Conv2d
+    assert prepare_mabn_model(conv) is conv
     assert type(conv) is CenteredConv2d
     assert_centralized(conv)
-    assert type(Conv2d(4, 6, kernel_size=3, norm=BatchRenorm2d(6))) is Conv2d
+    per_level = Conv2d(4, 6, kernel_size=3, padding=1, norm=CycleMABNList(2, 6))
+    assert type(prepare_mabn_model(per_level)) is CenteredConv2d
+    assert type(prepare_mabn_model(Conv2d(4, 6, kernel_size=3, norm=BatchRenorm2d(6)))) is Conv2d
+    assert type(prepare_mabn_model(Conv2d(4, 6, kernel_size=3, norm=nn.BatchNorm2d(6)))) is Conv2d
+
+
+def test_conv_subclass_feeding_mabn_is_left_alone_with_a_warning():
+    class OwnConv(Conv2d):
+        pass
+
+    conv = OwnConv(4, 6, kernel_size=3, norm=MABN2d(6))
+    with RecordWarnings("mabn_d2.prepare") as records:
+        prepare_mabn_model(nn.Sequential(conv))
+    assert type(conv) is OwnConv
+    assert len(records.messages) == 1 and "0 (OwnConv) feeds an MABN layer" in records.messages[0]
 
 
 def test_build_contexts_reject_unknown_or_bad_arguments():
@@ -488,7 +621,12 @@ def test_freezing_keeps_mabn_statistics_and_eval_function():
     with torch.no_grad():
         before = stem_res2(bottom_up, x)
         bottom_up.freeze(2)
+        assert len(of_type(bottom_up.res2, MABN2d)) == 4  # detectron2 only marks them frozen
+        assert prepare_mabn_model(bottom_up) is bottom_up
         after = stem_res2(bottom_up, x)
+    assert {part: len(of_type(getattr(bottom_up, part), MABN2d)) for part in ("stem", "res2", "res3")} == {
+        "stem": 0, "res2": 0, "res3": 5
+    }
     torch.testing.assert_close(after, before)
     for (part, name), expected in values.items():
         frozen = getattr(bottom_up, part).get_submodule(name)
@@ -508,7 +646,7 @@ def test_frozen_model_state_dict_keys_match_frozen_bn_model():
 
 
 @pytest.mark.parametrize("norm_class", [MABN2d, BatchRenorm2d])
-def test_convert_frozen_batchnorm_handles_mabn_and_brn(norm_class):
+def test_the_pass_freezes_mabn_and_brn_whose_parameters_are_frozen(norm_class):
     torch.manual_seed(0)
     norm = norm_class(6, eps=1e-3)
     with torch.no_grad():
@@ -517,12 +655,21 @@ def test_convert_frozen_batchnorm_handles_mabn_and_brn(norm_class):
             norm.running_mean.uniform_(-1.0, 1.0)
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
+        norm.num_batches_tracked.fill_(5)
     x = torch.randn(2, 6, 5, 5)
     expected = norm.eval()(x)
-    frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(norm))[0]
+    trainable = nn.Sequential(norm)
+    assert prepare_mabn_model(trainable)[0] is norm  # trainable: left as it is
+    norm.requires_grad_(False)  # what ResNet.freeze does to a frozen stage
+    assert FrozenBatchNorm2d.convert_frozen_batchnorm(nn.Sequential(norm))[0] is norm  # detectron2 alone
+    frozen = prepare_mabn_model(nn.Sequential(norm))[0]
     assert type(frozen) is FrozenBatchNorm2d
     torch.testing.assert_close(frozen(x), expected)
     assert torch.equal(frozen.running_mean, norm.running_mean)
+    assert frozen.eps == 1e-3 and int(frozen.num_batches_tracked) == 5
+    bare = prepare_mabn_model(norm)  # the norm itself: returned as its replacement
+    assert type(bare) is FrozenBatchNorm2d
+    torch.testing.assert_close(bare(x), expected)
 
 
 # ---------------------------------------------------------------- RetinaNet
@@ -578,6 +725,46 @@ def test_retinanet_state_dict_keys_match_cycle_batchnorm_model():
     assert "head.cls_subnet.1.weight" in bn.state_dict() and "head.cls_subnet.1.4.running_var" in bn.state_dict()
 
 
+def test_retinanet_levels_come_from_the_features_the_detector_feeds_its_head():
+    cfg = retinanet_cfg("MABN")
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p3", "p4", "p5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = cfg.MODEL.ANCHOR_GENERATOR.SIZES[:3]
+    model = build_model(cfg)
+    assert len(model.head_in_features) == 3
+    lists = of_type(model.head, CycleMABNList)
+    assert len(lists) == 4 and all(len(norm_list) == 3 for norm_list in lists.values())
+
+
+def test_a_bare_retinanet_head_is_prepared_per_level():
+    shapes = [ShapeSpec(channels=8, stride=s) for s in (8, 16, 32)]
+    head = RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[8, 8], norm="MABN")
+    assert isinstance(head.cls_subnet[1], MABN2d)  # shared by the levels until the pass
+    prepare_mabn_model(head)
+    for subnet in (head.cls_subnet, head.bbox_subnet):
+        assert [type(m) for m in subnet] == [CenteredConv2d, CycleMABNList, nn.ReLU] * 2
+        assert all(len(subnet[i]) == 3 for i in (1, 4))
+
+
+def test_only_the_per_level_norms_shared_bn_warning_is_dropped_during_build():
+    class SharedBN(nn.BatchNorm2d):
+        pass
+
+    shapes = [ShapeSpec(channels=8, stride=s) for s in (8, 16)]
+
+    def head(norm):
+        return RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[8], norm=norm)
+
+    with RecordWarnings("detectron2.modeling.meta_arch.retinanet") as records:
+        head("MABN")
+    assert len(records.messages) == 1 and "MABN2d" in records.messages[0]  # detectron2 alone warns
+    with RecordWarnings("detectron2.modeling.meta_arch.retinanet") as records:
+        with registry._per_level_norm_warning_dropped():
+            head("MABN")
+            head(lambda c: SharedBN(c))
+    assert len(records.messages) == 1 and "SharedBN" in records.messages[0]
+    assert not logging.getLogger("detectron2.modeling.meta_arch.retinanet").filters
+
+
 def test_warning_capture_sees_the_shared_bn_warning():
     """Control for the no-warning assertion: a BN-named norm that is not per-level still warns."""
 
@@ -590,6 +777,23 @@ def test_warning_capture_sees_the_shared_bn_warning():
     with RecordWarnings("detectron2.modeling.meta_arch.retinanet") as records:
         RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[32], norm=lambda c: SharedBN(c))
     assert any("Shared BatchNorm" in m for m in records.messages)
+
+
+def test_cycle_mabn_list_from_shared_copies_settings_state_and_affine():
+    shared = MABN2d(4, buffer_size=3, momentum=0.5, eps=1e-3)
+    with torch.no_grad():
+        shared.weight.fill_(2.0)
+        shared.bias.fill_(-1.0)
+        shared.running_var.fill_(3.0)
+    levels = CycleMABNList.from_shared(shared, 3)
+    assert len(levels) == 3 and len({id(m) for m in levels}) == 3 and all(m is not shared for m in levels)
+    for level in levels:
+        assert (level.buffer_size, level.momentum, level.eps) == (3, 0.5, 1e-3)
+        assert torch.equal(level.running_var, shared.running_var)
+        assert torch.equal(level.weight, torch.ones(4)) and not isinstance(level.weight, nn.Parameter)
+    assert torch.equal(levels.weight, shared.weight) and torch.equal(levels.bias, shared.bias)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(levels.eval()(x), shared.eval()(x))
 
 
 def test_cycle_mabn_list_matches_one_mabn_per_level():

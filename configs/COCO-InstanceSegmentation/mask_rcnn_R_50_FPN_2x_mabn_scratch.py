@@ -1,34 +1,43 @@
 """LazyConfig equivalent of mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml.
 
-MABN hyper-parameters other than the paper defaults go through
-`mabn_d2.mabn_build_context(**kwargs)` around `instantiate(cfg.model)`.
+Every norm is `mabn_norm`, a callable building MABN2d with its hyper-parameters written out
+(the YAML's MODEL.MABN). `instantiate(model)` builds the detector, then runs
+`prepare_mabn_model` on it (centralized convolutions, frozen stages, per-level shared heads),
+as `build_model` does for YAML configs: the detector's settings are under `model.model`.
 """
-import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
+from functools import partial
+
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-_base = get_config("common/models/mask_rcnn_fpn.py")
-model = _base.model
+from mabn_d2 import MABN2d, prepare_mabn_model
+
+# The paper's hyper-parameters.
+mabn_norm = partial(
+    MABN2d, buffer_size=16, momentum=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5
+)
+
+model = L(prepare_mabn_model)(model=get_config("common/models/mask_rcnn_fpn.py").model)
 dataloader = get_config("common/data/coco.py").dataloader
 optimizer = get_config("common/optim.py").SGD
 train = get_config("common/train.py").train
 
-model.backbone.bottom_up.stem.norm = "MABN"
-model.backbone.bottom_up.stages.norm = "MABN"
-model.backbone.bottom_up.stages.stride_in_1x1 = False
-model.backbone.bottom_up.freeze_at = 0
-model.backbone.norm = "MABN"
-model.roi_heads.box_head = L(FastRCNNConvFCHead)(
-    input_shape=model.roi_heads.box_head.input_shape,
+model.model.backbone.bottom_up.stem.norm = mabn_norm
+model.model.backbone.bottom_up.stages.norm = mabn_norm
+model.model.backbone.bottom_up.stages.stride_in_1x1 = False
+model.model.backbone.bottom_up.freeze_at = 0
+model.model.backbone.norm = mabn_norm
+model.model.roi_heads.box_head = L(FastRCNNConvFCHead)(
+    input_shape=model.model.roi_heads.box_head.input_shape,
     conv_dims=[256, 256, 256, 256],
     fc_dims=[1024],
-    conv_norm="MABN",
+    conv_norm=mabn_norm,
 )
-model.roi_heads.mask_head.conv_norm = "MABN"
-model.pixel_std = [57.375, 57.120, 58.395]
+model.model.roi_heads.mask_head.conv_norm = mabn_norm
+model.model.pixel_std = [57.375, 57.120, 58.395]
 
 train.init_checkpoint = ""
 train.max_iter = 180000  # 2x at 16 images per iteration
