@@ -8,16 +8,16 @@ Each removes one ingredient of MABN so a study can show what that ingredient buy
   moving averages of mu_B and sigma2_B and using moving averages of g_B and Psi_B in the
   backward. It is meant for plain (non-centered) convolutions.
 
-Both share MABN2d's buffer, warm-up, re-normalization and EMA semantics (mabn-algorithm.md).
+Both share MABN2d's buffer, warm-up, re-normalization and EMA semantics.
 """
 import dataclasses
 from typing import Optional, Tuple
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layers.base import MovingAverageNorm
+from .layers.channel_ops import accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products
 from .layers.functional import MABNFunction, MABNPhase, channel_view, keep_finite
 from .layers.mabn import MABN2d
 
@@ -52,8 +52,8 @@ class MABNForwardOnly2d(MABN2d):
         if not self.training or x.numel() == 0:
             return super().forward(x)
         return _ForwardOnlyFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.x2_buffer,
-            self.gz_buffer, self._next_phase(), self.momentum, self.eps, self.renorm_clip,
+            x, self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer,
+            self._next_phase(), self.momentum, self.eps, self.renorm_clip,
         )
 
 
@@ -66,7 +66,7 @@ def centered_mabn_inference(
     eps: float,
 ) -> torch.Tensor:
     """Eval-mode `MABNCentered2d`: gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
-    return nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    return channel_normalize(x, running_var, weight, bias, eps, mean=running_mean)
 
 
 class CenteredMABNFunction(torch.autograd.Function):
@@ -95,7 +95,7 @@ class CenteredMABNFunction(torch.autograd.Function):
         eps: float,
         renorm_clip: float,
     ) -> torch.Tensor:
-        var_batch, mean_batch = torch.var_mean(x, dim=_DIMS, correction=0)
+        var_batch, mean_batch = torch.var_mean(x.to(accumulation_dtype(x, running_var)), dim=_DIMS, correction=0)
         slot = phase.slot
         mean_buffer[slot] = keep_finite(mean_batch.to(mean_buffer.dtype), mean_buffer[slot])
         var_buffer[slot] = keep_finite(var_batch.to(var_buffer.dtype), var_buffer[slot])
@@ -110,8 +110,7 @@ class CenteredMABNFunction(torch.autograd.Function):
         running_mean.copy_(keep_finite(running_mean * momentum + mean * (1.0 - momentum), running_mean))
         running_var.copy_(keep_finite(running_var * momentum + var * (1.0 - momentum), running_var))
         scale = weight if r is None else weight * r
-        # one fused pass: (x - mean) / sqrt(var + eps) * scale + bias
-        y = torch.native_batch_norm(x, scale, bias, mean, var, False, 0.0, eps)[0]
+        y = channel_normalize(x, var, scale, bias, eps, mean=mean)
 
         ctx.save_for_backward(x, scale, mean, var, r)
         ctx.grad_mean_buffer = grad_mean_buffer
@@ -125,12 +124,13 @@ class CenteredMABNFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, scale, mean, var, r = ctx.saved_tensors
         phase: MABNPhase = ctx.phase
-        need_input_grad = ctx.needs_input_grad[0]
         count = x.numel() // x.shape[1]
-        # One fused pass: dy * scale / s, sum(dy * x_hat) and sum(dy), with s = sqrt(var + eps).
-        grad_scaled, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, scale, mean, var, None, None, False, ctx.eps, [need_input_grad, True, True]
-        )
+        # With s = sqrt(var + eps) and x_hat = (x - mean) / s: sum(dy * x_hat) = (sum(dy * x) - mean * sum(dy)) / s.
+        accumulate = accumulation_dtype(grad_out, var)
+        inv_std = (var + ctx.eps).rsqrt()
+        sum_dy = channel_sum(grad_out, accumulate).to(var.dtype)
+        sum_dy_x = channel_sum_of_products(grad_out, x, accumulate).to(var.dtype)
+        sum_dy_xhat = (sum_dy_x - mean * sum_dy) * inv_std
         g_mean_batch = scale * sum_dy / count  # mean(g), g = dy * scale
         psi_batch = scale * sum_dy_xhat / count  # mean(g * x_hat)
         buffers = (ctx.grad_mean_buffer, ctx.psi_buffer)
@@ -138,15 +138,16 @@ class CenteredMABNFunction(torch.autograd.Function):
             buffer[phase.slot] = keep_finite(value.to(buffer.dtype), buffer[phase.slot])
 
         grad_x = None
-        if need_input_grad:
+        if ctx.needs_input_grad[0]:
             if phase.use_batch_statistics:
                 g_mean, psi = g_mean_batch, psi_batch
             else:
                 g_mean, psi = buffers[0].mean(0), buffers[1].mean(0)
-            # (g - g_mean - x_hat * psi) / s  =  g / s - x * psi / s^2 + (mean * psi / s^2 - g_mean / s)
-            inv_var = 1.0 / (var + ctx.eps)
-            shift = mean * psi * inv_var - g_mean * inv_var.sqrt()
-            grad_x = grad_scaled.addcmul_(x, channel_view(psi * inv_var), value=-1).add_(channel_view(shift))
+            # (g - g_mean - x_hat * psi) / s  =  dy * scale / s + (mean * psi / s^2 - g_mean / s) - x * psi / s^2
+            inv_var = inv_std.square()
+            shift = mean * psi * inv_var - g_mean * inv_std
+            grad_x = channel_normalize(grad_out, var, scale, shift, ctx.eps)
+            grad_x.addcmul_(x, channel_view(psi * inv_var), value=-1)
         grad_weight = sum_dy_xhat if r is None else sum_dy_xhat * r
         return (grad_x, grad_weight, sum_dy) + (None,) * 10
 

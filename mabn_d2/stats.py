@@ -36,8 +36,10 @@ _MOVING_AVERAGE_BUFFERS = {
     "grad_mean_buffer": "g_sma",
 }
 _BACKWARD_STATISTICS = ("g_B", "Psi_B", "psi_sma", "g_sma")
-# Layers recorded when no names are given (BatchNorm covers detectron2's NaiveSyncBatchNorm).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d, MABNCentered2d)
+# Layers recorded when no names are given (BatchNorm2d covers detectron2's NaiveSyncBatchNorm).
+NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d, MABNCentered2d,
+)
 _DIMS = (0, 2, 3)
 
 

@@ -102,7 +102,7 @@ def test_phase_schedule_covers_all_three_phases():
 
 def _early_phase_function(x, weight, bias):
     C = x.shape[1]
-    state = [torch.zeros(C, dtype=x.dtype), torch.ones(C, dtype=x.dtype), torch.zeros(4, C, dtype=x.dtype), torch.zeros(4, C, dtype=x.dtype)]
+    state = [torch.ones(C, dtype=x.dtype), torch.zeros(4, C, dtype=x.dtype), torch.zeros(4, C, dtype=x.dtype)]
     return MABNFunction.apply(x, weight, bias, *state, mabn_phase(1, 4, 100, 1000), 0.98, 1e-5, 5.0)
 
 
@@ -289,3 +289,75 @@ def test_non_4d_input_raises(shape):
 def test_wrong_channel_count_raises():
     with pytest.raises(ValueError, match="channels"):
         MABN2d(4)(torch.randn(2, 3, 5, 5))
+
+
+# --------------------------------------------------------------------------- zero mean
+def _batchnorm_state(channels, mean_value):
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.fill_(mean_value)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    return bn.state_dict()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_a_non_zero_mean_is_refused_naming_the_key(strict):
+    model = torch.nn.Sequential(torch.nn.Identity(), MABN2d(4))
+    state = {f"1.{k}": v for k, v in _batchnorm_state(4, 0.5).items()}
+    with pytest.raises(RuntimeError, match=r"1\.running_mean.*zero by definition"):
+        model.load_state_dict(state, strict=strict)
+    assert torch.equal(model[1].running_mean, torch.zeros(4)), "the refused mean must not stay in the layer"
+
+
+def test_loading_a_zero_mean_batchnorm_state_works():
+    layer = MABN2d(4)
+    state = _batchnorm_state(4, 0.0)
+    result = layer.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["gz_buffer", "x2_buffer"] and not result.unexpected_keys
+    torch.testing.assert_close(layer.running_var, state["running_var"], rtol=0, atol=0)
+
+
+def test_running_mean_never_enters_the_math():
+    """Even a mean written into the buffer by hand centres nothing, in training or eval."""
+    torch.manual_seed(0)
+    hparams = dict(buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    clean, tampered = MABN2d(3, **hparams).double(), MABN2d(3, **hparams).double()
+    with torch.no_grad():
+        tampered.running_mean.fill_(0.5)
+    for _ in range(7):  # every phase
+        x = torch.randn(2, 3, 4, 4, dtype=torch.float64) + 1.0
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = clean(xa), tampered(xb)
+        torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
+    clean.eval()
+    tampered.eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) + 1.0
+    torch.testing.assert_close(tampered(x), clean(x), rtol=0, atol=0)
+    expected = _view(clean.weight) * x / (_view(clean.running_var) + clean.eps).sqrt() + _view(clean.bias)
+    torch.testing.assert_close(clean(x), expected)
+
+
+def _view(t):
+    return t.detach().view(1, -1, 1, 1)
+
+
+def test_frozen_affine_parameters_get_no_gradient_and_the_input_gradient_is_unchanged():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    grads = []
+    for frozen in (False, True):
+        layer = MABN2d(3).double()
+        layer.bias.requires_grad_(not frozen)
+        inp = x.clone().requires_grad_()
+        layer(inp).backward(dy)
+        grads.append(inp.grad)
+        assert (layer.bias.grad is None) == frozen
+        torch.testing.assert_close(layer.weight.grad, (dy * x / (x.pow(2).mean((0, 2, 3), keepdim=True) + layer.eps).sqrt()).sum((0, 2, 3)))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

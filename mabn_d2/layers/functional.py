@@ -2,9 +2,12 @@
 
 One training step is an autograd Function: the forward normalizes by the (moving average of
 the) uncentred second moment chi2, the backward replaces the batch statistic Psi_B by its
-moving average. Both passes are built from ATen's fused batch-norm kernels with a zero mean
-(one reduction pass and one elementwise pass each), which is what makes MABN as fast as
-BatchNorm; no statistic ever leaves the device, so a step never synchronises with the host.
+moving average. MABN's mean is zero by definition, so no mean enters the math.
+
+Every operation is a public PyTorch one with the same meaning on every device (see
+`channel_ops`): one reduction and one elementwise pass in the forward, two reductions and two
+elementwise passes in the backward, the input as the only activation saved for backward. No
+statistic ever leaves the device, so a step never synchronises with the host.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -12,9 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MABNPhase", "mabn_phase", "mabn_inference", "MABNFunction", "channel_view", "keep_finite"]
+from .channel_ops import (
+    accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_sum_of_squares,
+)
 
-_aten = torch.ops.aten
+__all__ = ["MABNPhase", "mabn_phase", "mabn_inference", "MABNFunction", "channel_view", "keep_finite"]
 
 
 @dataclass(frozen=True)
@@ -42,20 +47,10 @@ def mabn_phase(
 
 
 def mabn_inference(
-    x: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    zero_mean: Optional[torch.Tensor] = None,
+    x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta.
-
-    `zero_mean` (a zero tensor of shape [C]) can be passed to avoid allocating one per call.
-    """
-    if zero_mean is None:
-        zero_mean = torch.zeros_like(running_var)
-    return torch.nn.functional.batch_norm(x, zero_mean, running_var, weight, bias, False, 0.0, eps)
+    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta."""
+    return channel_normalize(x, running_var, weight, bias, eps)
 
 
 def channel_view(t: torch.Tensor) -> torch.Tensor:
@@ -67,15 +62,6 @@ def keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(new), new, old)
 
 
-def _channel_sum_of_products(
-    a: torch.Tensor, b: torch.Tensor, zeros: torch.Tensor, ones: torch.Tensor
-) -> torch.Tensor:
-    """sum_{N,H,W}(a * b) per channel in one fused pass (BatchNorm's eval backward kernel)."""
-    return _aten.native_batch_norm_backward(
-        a, b, None, zeros, ones, None, None, False, 0.0, [False, True, False]
-    )[1]
-
-
 class MABNFunction(torch.autograd.Function):
     """One MABN training step. Updates the layer state in place (ring buffers, running_var)."""
 
@@ -85,7 +71,6 @@ class MABNFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor,
-        running_mean: torch.Tensor,
         running_var: torch.Tensor,
         x2_buffer: torch.Tensor,
         gz_buffer: torch.Tensor,
@@ -95,10 +80,8 @@ class MABNFunction(torch.autograd.Function):
         renorm_clip: float,
     ) -> torch.Tensor:
         count = x.numel() // x.shape[1]
-        zeros = running_mean  # MABN's mean is zero by construction
-        ones = torch.ones_like(running_var)
-
-        chi2_batch = _channel_sum_of_products(x, x, zeros, ones).to(running_var.dtype) / count
+        sum_x2 = channel_sum_of_squares(x, accumulation_dtype(x, running_var))
+        chi2_batch = (sum_x2 / count).to(running_var.dtype)
         x2_buffer[phase.slot] = keep_finite(chi2_batch, x2_buffer[phase.slot])
         chi2 = chi2_batch if phase.use_batch_statistics else x2_buffer.mean(0)
 
@@ -109,9 +92,9 @@ class MABNFunction(torch.autograd.Function):
         running_var.copy_(keep_finite(updated_var, running_var))
 
         scale = weight if r is None else weight * r
-        y = torch.native_batch_norm(x, scale, bias, zeros, chi2, False, 0.0, eps)[0]
+        y = channel_normalize(x, chi2, scale, bias, eps)
 
-        ctx.save_for_backward(x, scale, zeros, chi2, r)
+        ctx.save_for_backward(x, scale, chi2, r)
         ctx.gz_buffer = gz_buffer
         ctx.phase = phase
         ctx.eps = eps
@@ -121,21 +104,23 @@ class MABNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, scale, zeros, chi2, r = ctx.saved_tensors
+        x, scale, chi2, r = ctx.saved_tensors
         phase: MABNPhase = ctx.phase
         gz_buffer: torch.Tensor = ctx.gz_buffer
-        need_input_grad = ctx.needs_input_grad[0]
 
-        # One fused pass: grad_in = dy * gamma * r / s, sum(dy * z) and sum(dy).
-        grad_scaled, sum_dy_z, sum_dy = _aten.native_batch_norm_backward(
-            grad_out, x, scale, zeros, chi2, None, None, False, ctx.eps, [need_input_grad, True, True]
-        )
+        # With s = sqrt(chi2 + eps) and z = x / s: sum(dy * z) = sum(dy * x) / s.
+        accumulate = accumulation_dtype(grad_out, chi2)
+        inv_std = (chi2 + ctx.eps).rsqrt()
+        sum_dy_z = (channel_sum_of_products(grad_out, x, accumulate) * inv_std).to(chi2.dtype)
+        sum_dy = channel_sum(grad_out, accumulate) if ctx.needs_input_grad[2] else None
         psi_batch = (scale * sum_dy_z / ctx.count).to(gz_buffer.dtype)
         gz_buffer[phase.slot] = keep_finite(psi_batch, gz_buffer[phase.slot])
 
         grad_x = None
-        if need_input_grad:
+        if ctx.needs_input_grad[0]:
             psi = psi_batch if phase.use_batch_statistics else gz_buffer.mean(0)
-            grad_x = grad_scaled.addcmul_(x, channel_view(psi / (chi2 + ctx.eps)), value=-1)
+            # dx = (g_z - z * Psi) / s = dy * scale / s - x * Psi / s^2, in two passes.
+            grad_x = channel_normalize(grad_out, chi2, scale, None, ctx.eps)
+            grad_x.addcmul_(x, channel_view(psi * inv_std.square()), value=-1)
         grad_weight = sum_dy_z if r is None else sum_dy_z * r
-        return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None

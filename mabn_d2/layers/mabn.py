@@ -15,11 +15,17 @@ class MABN2d(MovingAverageNorm):
     ``weight * x / sqrt(running_var + eps) + bias``.
 
     State (all in `state_dict`, so a checkpoint restores the layer exactly):
-      running_mean         always zero (MABN does not centre); keeps the state a superset of
-                           BatchNorm2d's, so it loads as FrozenBatchNorm2d
+      running_mean         always zero: MABN does not centre, and no computation reads it. It
+                           keeps the state a superset of BatchNorm2d's, so it loads as
+                           FrozenBatchNorm2d. Loading a non-zero one is refused (see below).
       running_var          EMA of the normalizing statistic (decay `momentum`)
       num_batches_tracked  training forwards so far; drives the warm-up phases
       x2_buffer, gz_buffer ring buffers [buffer_size, C] of chi2_B and Psi_B
+
+    A state_dict whose running_mean is not zero (a BatchNorm checkpoint) is refused with an
+    error naming the key, and the buffer stays zero: silently dropping a BatchNorm mean would
+    change what the loaded network computes. `tools/convert_pretrained.py` turns BatchNorm
+    checkpoints into MABN ones and says what that conversion approximates.
     """
 
     _version = 1
@@ -29,8 +35,24 @@ class MABN2d(MovingAverageNorm):
         self._check_input(x)
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
-            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps, self.running_mean)
+            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps)
         return MABNFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.x2_buffer,
-            self.gz_buffer, self._next_phase(), self.momentum, self.eps, self.renorm_clip,
+            x, self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer,
+            self._next_phase(), self.momentum, self.eps, self.renorm_clip,
         )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + "running_mean"
+        mean = state_dict.get(key)
+        if mean is not None and not mean.is_meta and bool(torch.count_nonzero(mean)):
+            self.running_mean.zero_()
+            error_msgs.append(
+                f"{key}: {type(self).__name__}'s mean is zero by definition, got a non-zero running_mean "
+                f"(largest magnitude {float(mean.abs().max()):.4g}); convert BatchNorm checkpoints with "
+                "tools/convert_pretrained.py (mabn_d2.convert.bn_to_mabn) instead"
+            )
