@@ -3,79 +3,83 @@
 - COCOEvaluator for COCO-format datasets;
 - weight decay of MABN / BRN affine parameters follows SOLVER.WEIGHT_DECAY_NORM like BN's;
 - DDP works on CPU processes (gloo): no device_ids for CPU modules;
-- `--resume` continues exactly: seeded, position-addressed data stream and RNG states in the
-  checkpoint.
+- `--resume` continues exactly, on any number of processes: seeded, position-addressed data
+  stream, and every process's own MABN state and RNG states in the checkpoint
+  (`mabn_d2.checkpoint.MABNCheckpointer`, which also writes checkpoints atomically and checks
+  what a resume starts from);
+- a config is validated before anything is written to its OUTPUT_DIR.
 """
 import contextlib
 import logging
 import os
-import random
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 
-from .config import add_mabn_config
+from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
+from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
 from .data.stream import SeededStreamDataset, StreamPositionSampler
 from .layers import BatchRenorm2d, MABN2d
+from .preflight import UsageError, check_device, check_norm_names, check_writable_dir
+from .rank_state import restore_rng_state
 
-__all__ = ["MABNTrainer", "setup_cfg", "TrainingStreamState"]
+__all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "setup_cfg", "TrainingStreamState"]
 
 logger = logging.getLogger(__name__)
 _NORM_TYPES = (MABN2d, BatchRenorm2d)
 
 
+FINAL_CHECKPOINT = "model_final"  # what detectron2's PeriodicCheckpointer writes at MAX_ITER
+
+
 @contextlib.contextmanager
-def _ddp_without_device_ids_on_cpu() -> Iterator[None]:
-    """detectron2 passes device_ids=[local_rank] to DDP, which CPU modules reject."""
-    original = d2_defaults.create_ddp_model
+def _trainer_construction() -> Iterator[None]:
+    """DefaultTrainer.__init__ with two of its module-level choices replaced while it runs.
+
+    - DDP: detectron2 passes device_ids=[local_rank], which CPU modules reject;
+    - the checkpointer: MABNCheckpointer instead of DetectionCheckpointer.
+    """
+    original_ddp, original_checkpointer = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
 
     def create_ddp_model(model, **kwargs):
         if all(p.device.type == "cpu" for p in model.parameters()):
             kwargs.setdefault("device_ids", None)
-        return original(model, **kwargs)
+        return original_ddp(model, **kwargs)
 
     d2_defaults.create_ddp_model = create_ddp_model
+    d2_defaults.DetectionCheckpointer = MABNCheckpointer
     try:
         yield
     finally:
-        d2_defaults.create_ddp_model = original
+        d2_defaults.create_ddp_model = original_ddp
+        d2_defaults.DetectionCheckpointer = original_checkpointer
 
 
 class TrainingStreamState:
-    """Checkpointable: the data-stream seed and the RNG states a resumed run must continue from."""
+    """Checkpointable: the seed of the data stream, shared by all processes.
+
+    Each process's RNG states are saved per process by MABNCheckpointer; checkpoints written
+    before that kept process 0's here, and still load.
+    """
 
     def __init__(self, dataset: Optional[SeededStreamDataset]):
         self.dataset = dataset
 
     def state_dict(self) -> Dict:
-        # Plain tensors and numbers only: checkpoints are read with torch.load(weights_only=True).
-        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-        py_version, py_state, py_gauss = random.getstate()
-        return {
-            "data_seed": None if self.dataset is None else self.dataset.seed,
-            "torch": torch.get_rng_state(),
-            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                      "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        }
+        return {"data_seed": None if self.dataset is None else self.dataset.seed}
 
     def load_state_dict(self, state: Dict) -> None:
         if self.dataset is not None and state.get("data_seed") is not None:
             self.dataset.seed = int(state["data_seed"])
-        torch.set_rng_state(state["torch"])
-        np_state = state["numpy"]
-        np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                             np_state["has_gauss"], np_state["cached_gaussian"]))
-        py_state = state["python"]
-        random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss"]))
+        if "torch" in state:  # written by a single process before per-process states existed
+            restore_rng_state(state)
 
 
 def _reassign_norm_weight_decay(groups: List[Dict], model: torch.nn.Module, weight_decay_norm: float) -> List[Dict]:
@@ -100,14 +104,57 @@ class MABNTrainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         self._stream_dataset: Optional[SeededStreamDataset] = None
         self._stream_sampler: Optional[StreamPositionSampler] = None
-        with _ddp_without_device_ids_on_cpu():
+        with _trainer_construction():
             super().__init__(cfg)
         self.checkpointer.add_checkpointable("training_stream", TrainingStreamState(self._stream_dataset))
+        if any(isinstance(m, MABN2d) for m in self.model.modules()):
+            message = long_renorm_warmup_message(cfg)
+            if message:
+                logger.warning(message)
 
     def train(self):
-        """Train, then return the final evaluation results (DefaultTrainer drops them)."""
+        """Train, then return the final evaluation results (DefaultTrainer drops them).
+
+        A run resumed after it had finished first makes sure its final checkpoint loads.
+        """
+        if self.start_iter >= self.max_iter:
+            self._ensure_final_checkpoint()
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    def _ensure_final_checkpoint(self) -> None:
+        """Write model_final.pth again from the resumed state if it is missing or unreadable.
+
+        The resumed checkpoint holds the state at the last iteration, which is what
+        model_final.pth holds; a crash while writing it must not end in a run that reports
+        success without a usable final model.
+        """
+        path = os.path.join(self.cfg.OUTPUT_DIR, f"{FINAL_CHECKPOINT}.pth")
+        problem = None
+        if comm.is_main_process():
+            try:
+                read_checkpoint(path, mmap=True)
+            except CheckpointError as error:
+                problem = str(error)
+        problem = comm.all_gather(problem)[0]
+        if problem:
+            logging.getLogger(__name__).warning(
+                "Training already reached SOLVER.MAX_ITER %d, but %s; writing it again from the resumed "
+                "state (iteration %d).", self.max_iter, problem, self.iter,
+            )
+            self.checkpointer.save(FINAL_CHECKPOINT, iteration=self.iter)
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        """DefaultTrainer's hooks, with the checkpoint hook on every process, not only the main one.
+
+        Saving is collective (each process contributes its own MABN and RNG state); the hook
+        sits where detectron2 puts it, before evaluation, on every process.
+        """
+        result = super().build_hooks()
+        if not comm.is_main_process():
+            evaluation = next(i for i, hook in enumerate(result) if isinstance(hook, hooks.EvalHook))
+            result.insert(evaluation, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return result
 
     def build_train_loader(self, cfg: CfgNode):
         dicts = get_detection_dataset_dicts(
@@ -117,13 +164,13 @@ class MABNTrainer(DefaultTrainer):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        self._stream_dataset = SeededStreamDataset(dicts, DatasetMapper(cfg, True), seed)
-        self._stream_sampler = StreamPositionSampler()
+        dataset = SeededStreamDataset(dicts, DatasetMapper(cfg, True), seed)
+        sampler = StreamPositionSampler()
+        if self._stream_dataset is None:  # the training loader; later calls (PreciseBN) build others
+            self._stream_dataset, self._stream_sampler = dataset, sampler
         # A loader-owned generator: creating the loader iterator must not draw from the global
         # torch RNG, whose state a resumed run restores from the checkpoint.
-        return build_detection_train_loader(
-            cfg, dataset=self._stream_dataset, sampler=self._stream_sampler, mapper=_identity, seed=seed
-        )
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=_identity, seed=seed)
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
@@ -155,12 +202,36 @@ def _identity(sample):
 
 
 def setup_cfg(config_file: str, opts: List[str], args=None) -> CfgNode:
-    """get_cfg + MABN keys + file + command-line opts, frozen; default_setup when args given."""
+    """get_cfg + MABN keys + file + command-line opts, validated and frozen.
+
+    With `args` (a training or evaluation run), also checks MODEL.DEVICE and OUTPUT_DIR, then
+    runs default_setup, which writes config.yaml and the log into OUTPUT_DIR: every check
+    comes first, so a bad value never overwrites an existing run's config.yaml. Raises
+    UsageError (a ValueError) with one line naming the problem.
+    """
     cfg = get_cfg()
     add_mabn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    try:
+        cfg.merge_from_file(config_file)
+    except Exception as error:  # missing file, bad YAML, unknown keys
+        raise UsageError(f"cannot read config {config_file}: {_first_line(error)}") from error
+    try:
+        cfg.merge_from_list(list(opts))
+    except Exception as error:  # unknown key, odd number of items, a value of the wrong type
+        raise UsageError(f"bad config override in {list(opts)}: {_first_line(error)}") from error
+    try:
+        validate_mabn_config(cfg)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    check_norm_names(cfg)
     cfg.freeze()
     if args is not None:
+        check_device(cfg.MODEL.DEVICE)
+        check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
         default_setup(cfg, args)
     return cfg
+
+
+def _first_line(error: BaseException) -> str:
+    text = (str(error).strip().strip("'\"").splitlines() or [""])[0]
+    return text or type(error).__name__

@@ -4,20 +4,31 @@
 Same conventions as detectron2's tools/train_net.py:
   python tools/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
       --num-gpus 8 [--resume] [--eval-only MODEL.WEIGHTS path.pth] [KEY VALUE ...]
-On a machine without GPUs, --num-gpus N starts N CPU processes that train with gloo.
+On a machine without GPUs, --num-gpus N starts N CPU processes that train with gloo. Processes
+of one machine meet on a free local port unless --dist-url is given.
+
+Before any process starts or anything is written, the config, MODEL.DEVICE, OUTPUT_DIR and the
+checkpoint to resume from (or MODEL.WEIGHTS for --eval-only) are checked; a problem ends the
+command with one line on stderr and exit status 2.
 """
 import logging
+import os
+import sys
+from typing import List, Optional
 
-from detectron2.checkpoint import DetectionCheckpointer
+import torch.multiprocessing
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
+from mabn_d2.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
 from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
+from mabn_d2.preflight import UsageError, check_device
 
 logger = logging.getLogger("mabn_d2.train_net")
+USAGE_ERROR_STATUS = 2
 
 
 def main(args):
@@ -25,7 +36,7 @@ def main(args):
     register_demo_datasets(cfg)
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        MABNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = MABNTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -35,18 +46,62 @@ def main(args):
     return trainer.train()
 
 
-def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+def check_before_start(args) -> None:
+    """The checks every process would otherwise fail on, done once, before anything is written."""
+    cfg = setup_cfg(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE, args.num_gpus if cfg.MODEL.DEVICE.startswith("cuda") else 1)
+    if args.resume:
+        check_resume_point(cfg.OUTPUT_DIR)
+    if args.eval_only and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        weights = cfg.MODEL.WEIGHTS
+        if weights and "://" not in weights:
+            read_checkpoint(weights, mmap=True)
+
+
+def _main_reporting_errors(args):
+    """`main` in one process; a known problem ends it with one line and status 2, no traceback."""
+    try:
+        return main(args)
+    except (UsageError, CheckpointError) as error:
+        print(f"train_net: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR_STATUS) from None
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = default_argument_parser()
+    # detectron2's default is one fixed port per user, which two runs of the same user share.
+    parser.set_defaults(dist_url=None)
+    args = parser.parse_args(argv)
+    if args.dist_url is None:
+        if args.num_machines > 1:
+            parser.error("--dist-url is required with --num-machines > 1")
+        args.dist_url = "auto"  # launch() picks a free local port
+    return args
+
+
+def invoke_main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_before_start(args)
+    except (UsageError, CheckpointError) as error:
+        print(f"train_net: error: {error}", file=sys.stderr)
+        return USAGE_ERROR_STATUS
     logger.info("Command Line Args: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            _main_reporting_errors,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except SystemExit as exit_:  # one process: the error line is printed already
+        return exit_.code if isinstance(exit_.code, int) else 1
+    except torch.multiprocessing.ProcessExitedException as error:  # a process printed its error and exited
+        return error.exit_code if error.exit_code > 0 else 128 - error.exit_code  # killed: 128 + signal
+    return 0
 
 
 if __name__ == "__main__":
-    invoke_main()
+    sys.exit(invoke_main())

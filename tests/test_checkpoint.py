@@ -1,0 +1,210 @@
+"""MABNCheckpointer: atomic saves, a resume that checks its file, per-process state.
+
+Crashes are simulated deterministically: a save that fails halfway, and a process that kills
+itself with SIGKILL halfway through writing a checkpoint.
+"""
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mabn_d2.checkpoint import (
+    RANK_STATES_KEY,
+    CheckpointError,
+    MABNCheckpointer,
+    check_resume_point,
+    read_checkpoint,
+)
+from mabn_d2.layers import MABN2d
+from mabn_d2.rank_state import capture_rank_state, restore_rank_state
+
+from .conftest import REPO_ROOT
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4, buffer_size=2, warmup_iters=0, renorm_warmup_iters=2))
+    model.train()
+    for _ in range(3):  # statistics and ring buffers away from their initial values
+        model(torch.randn(2, 3, 5, 5))
+    return model
+
+
+class _Crash(Exception):
+    pass
+
+
+def _half_then_crash(data, f):
+    f.write(b"PK\x03\x04 half of a checkpoint")
+    raise _Crash()
+
+
+def _files(folder) -> list:
+    return sorted(os.listdir(folder))
+
+
+def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpointer = MABNCheckpointer(_model(), str(tmp_path))
+    checkpointer.save("model_final", iteration=1)
+    before = (tmp_path / "model_final.pth").read_bytes()
+    monkeypatch.setattr(checkpointer, "_serialize", _half_then_crash)
+    with pytest.raises(_Crash):
+        checkpointer.save("model_final", iteration=3)
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert _files(tmp_path) == ["last_checkpoint", "model_final.pth"]
+    assert read_checkpoint(str(tmp_path / "model_final.pth"))["iteration"] == 1
+
+
+def test_last_checkpoint_names_a_file_only_once_it_is_complete(tmp_path, monkeypatch):
+    checkpointer = MABNCheckpointer(_model(), str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    monkeypatch.setattr(checkpointer, "_serialize", _half_then_crash)
+    with pytest.raises(_Crash):
+        checkpointer.save("model_0000003", iteration=3)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert _files(tmp_path) == ["last_checkpoint", "model_0000001.pth"]
+
+
+KILLED_WHILE_SAVING = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from torch import nn
+    from mabn_d2.checkpoint import MABNCheckpointer
+    from mabn_d2.layers import MABN2d
+    checkpointer = MABNCheckpointer(nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4)), sys.argv[1])
+    checkpointer.save("model_final", iteration=1)
+    def half_then_killed(data, f):
+        f.write(b"PK\\x03\\x04 half")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpointer._serialize = half_then_killed
+    checkpointer.save("model_final", iteration=3)
+    """
+)
+
+
+def test_sigkill_while_rewriting_the_only_checkpoint_leaves_it_readable(tmp_path):
+    result = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    stale = [name for name in _files(tmp_path) if name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_final.pth.")  # what SIGKILL cannot clean
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert check_resume_point(str(tmp_path)) == str(tmp_path / "model_final.pth")
+
+    checkpointer = MABNCheckpointer(nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4)), str(tmp_path))
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+    assert _files(tmp_path) == ["last_checkpoint", "model_final.pth"]  # the unfinished write is gone
+
+
+def test_resume_from_an_unreadable_checkpoint_names_it_and_the_others(tmp_path):
+    checkpointer = MABNCheckpointer(_model(), str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    checkpointer.save("model_0000003", iteration=3)
+    (tmp_path / "model_final.pth").write_bytes(b"")  # what writing in place left after a crash
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    message = (r"cannot resume: cannot read checkpoint .*model_final\.pth: the file is empty \(0 bytes.*\); "
+               r"other checkpoints in .*, newest first: model_0000003\.pth \(.*\), model_0000001\.pth \(.*\); "
+               r"to resume from one of them write its file name into .*last_checkpoint$")
+    with pytest.raises(CheckpointError, match=message):
+        check_resume_point(str(tmp_path))
+    with pytest.raises(CheckpointError, match=message):
+        MABNCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")  # what the message says to do
+    assert MABNCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 3
+
+
+def test_resume_with_no_other_checkpoint_says_to_start_again(tmp_path):
+    (tmp_path / "model_final.pth").write_text("some text")
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(CheckpointError, match=r"not a PyTorch or pickle checkpoint .*there is no other checkpoint "
+                                              r"in .*: train again without --resume$"):
+        MABNCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*model_0000009\.pth"):
+        check_resume_point(str(tmp_path))
+    (tmp_path / "last_checkpoint").write_text("")
+    with pytest.raises(CheckpointError, match=r"last_checkpoint is empty"):
+        MABNCheckpointer(_model(), str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_a_failed_load_does_not_break_the_next_one(tmp_path):
+    checkpointer = MABNCheckpointer(_model(), str(tmp_path))
+    checkpointer.save("good", iteration=1)
+    (tmp_path / "bad.pth").write_bytes(b"\x80\x02 broken pickle")
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        checkpointer.load(str(tmp_path / "bad.pth"))
+    assert checkpointer.load(str(tmp_path / "good.pth"))["iteration"] == 1
+
+
+def test_resume_restores_buffers_and_rng_of_this_process(tmp_path):
+    model = _model()
+    checkpointer = MABNCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000002", iteration=2)
+    saved = read_checkpoint(str(tmp_path / "model_0000002.pth"))[RANK_STATES_KEY]
+    assert len(saved) == 1 and {"buffers", "rng"} == set(saved[0])
+    assert {"1.x2_buffer", "1.gz_buffer", "1.running_var", "1.num_batches_tracked"} <= set(saved[0]["buffers"])
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    other = _model(seed=1)
+    assert not torch.equal(other[1].running_var, model[1].running_var)
+    MABNCheckpointer(other, str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert other[1].iteration == model[1].iteration == 3
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+
+
+def test_loading_weights_without_resume_ignores_per_process_state(tmp_path):
+    MABNCheckpointer(_model(), str(tmp_path)).save("model_final", iteration=2)
+    model = _model(seed=1)
+    state = torch.get_rng_state()
+    MABNCheckpointer(model).load(str(tmp_path / "model_final.pth"), checkpointables=[])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def _rank_states(world_size: int):
+    states = []
+    for rank in range(world_size):
+        model = _model(seed=10 + rank)
+        torch.manual_seed(100 + rank)
+        states.append(capture_rank_state(model))
+    return states
+
+
+def test_same_process_count_restores_each_rank_exactly():
+    saved = _rank_states(2)
+    model = _model(seed=5)
+    restore_rank_state(model, saved, rank=1, world_size=2)
+    assert torch.equal(model[1].x2_buffer, saved[1]["buffers"]["1.x2_buffer"])
+    assert torch.equal(torch.get_rng_state(), saved[1]["rng"]["torch"])
+
+
+@pytest.mark.parametrize("world_size,rank,source_rank", [(1, 0, 0), (3, 2, 0), (3, 1, 1)])
+def test_another_process_count_takes_buffers_of_rank_mod_n_and_keeps_its_rng(world_size, rank, source_rank, caplog):
+    saved = _rank_states(2)
+    model = _model(seed=5)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"):
+        restore_rank_state(model, saved, rank=rank, world_size=world_size, source="model_0000003.pth")
+    assert torch.equal(model[1].x2_buffer, saved[source_rank]["buffers"]["1.x2_buffer"])
+    assert torch.equal(torch.get_rng_state(), rng)
+    if rank == 0:
+        assert "model_0000003.pth was written by 2 processes and this run has 1" in caplog.text
+        assert "not exact" in caplog.text
+
+
+def test_per_process_state_of_another_model_is_refused():
+    saved = [{"buffers": {"7.running_var": torch.ones(4)}, "rng": {}}]
+    with pytest.raises(ValueError, match=r"does not match the model: 1 unknown buffers \(7\.running_var\)"):
+        restore_rank_state(_model(), saved, rank=0, world_size=1)
