@@ -250,8 +250,8 @@ def register_norms() -> None:
     """Install the two hooks described in the module docstring; calling it again changes nothing
     but pointing late bindings at them.
 
-    Called on ``import mabn_d2``. Every NORM string other than "MABN" / "BRN" keeps its
-    detectron2 behaviour.
+    Called on ``import mabn_d2``. Every NORM value other than "MABN" / "BRN" keeps its
+    detectron2 behaviour, except that an unknown name is a ValueError listing the valid ones.
     """
     with _LOCK:
         loaded: List[Tuple[str, Any]] = list(sys.modules.items())
