@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from mabn_d2.layers import backend as backend_module
-from mabn_d2.layers import triton_mabn
+from mabn_d2.layers import triton_launch, triton_mabn
 from mabn_d2.layers.functional import MABNFunction, mabn_phase
-from mabn_d2.layers.triton_mabn import TritonMABNFunction, elementwise_plan, reduction_plan
+from mabn_d2.layers.triton_launch import elementwise_plan, reduction_plan
+from mabn_d2.layers.triton_mabn import TritonMABNFunction
 
 pytest.importorskip("triton")
 
@@ -29,7 +30,7 @@ DETECTION_SHAPES = [
     (2, 64, 200, 336), (2, 256, 200, 336), (2, 512, 100, 168), (2, 1024, 50, 84),
     (2, 2048, 25, 42), (1024, 256, 7, 7), (100, 256, 14, 14),
 ]
-SMALL_TILES = triton_mabn.LaunchTuning(reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2)
+SMALL_TILES = triton_launch.LaunchTuning(reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2)
 
 
 def _interpreter_active() -> bool:
@@ -153,11 +154,11 @@ FLOAT32 = dict(rtol=2e-5, atol=2e-6)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize(
     "dtype,tuning",
-    [(torch.float64, triton_mabn.TUNING), (torch.float32, triton_mabn.TUNING), (torch.float64, SMALL_TILES)],
+    [(torch.float64, triton_launch.TUNING), (torch.float32, triton_launch.TUNING), (torch.float64, SMALL_TILES)],
     ids=["float64", "float32", "float64_split_reductions"],
 )
 def test_kernels_follow_the_spec_over_every_phase(dtype, tuning, channels_last, monkeypatch):
-    monkeypatch.setattr(triton_mabn, "TUNING", tuning)
+    monkeypatch.setattr(triton_launch, "TUNING", tuning)
     channels = 3 if tuning is SMALL_TILES else 5  # fewer programs under the interpreter
     state = LayerState.fresh(channels, dtype)
     spec = SpecMABN(channels, **PHASES, **HPARAMS)
@@ -179,7 +180,7 @@ def test_kernels_follow_the_spec_over_every_phase(dtype, tuning, channels_last, 
     plan = reduction_plan(2, channels, 35, channels_last, 1, tuning)
     if tuning is SMALL_TILES:
         assert plan.num_splits > 1 and plan.channel_blocks > 1, plan
-    assert not triton_mabn._arrival_counters(torch.device("cpu"), 1).any(), "a reduction left its counter set"
+    assert not triton_launch.arrival_counters(torch.device("cpu"), 1).any(), "a reduction left its counter set"
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -332,7 +333,7 @@ def test_empty_batch_is_refused_without_touching_the_state():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_launch_plans_fit_a_gpu(shape, channels_last):
     n, c, h, w = shape
-    tuning = triton_mabn.TUNING
+    tuning = triton_launch.TUNING
     plan = reduction_plan(n, c, h * w, channels_last, 132, tuning)  # an H100/H200 has 132 SMs
     for block in (plan.block_r, plan.block_c):
         assert block & (block - 1) == 0, plan

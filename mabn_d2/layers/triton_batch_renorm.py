@@ -1,0 +1,83 @@
+"""Batch Renormalization's training step on Triton kernels (four launches per step).
+
+Same math as BatchRenorm2d's public-operation path: BN with y = weight*(x_hat*r + d) + bias,
+r and d clipped and constant in backward, running statistics updated in place (a non-finite
+channel keeps both). r_max and d_max come from the host schedule; nothing is read back.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .triton_launch import (
+    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for,
+    unsupported_input_reason,
+)
+
+__all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
+
+
+def triton_brn_unsupported_reason(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> Optional[str]:
+    """None when the Triton kernels can run this Batch Renormalization step, else why not."""
+    state = (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var))
+    return unsupported_input_reason(x, running_var.dtype, state)
+
+
+class TritonBatchRenormFunction(torch.autograd.Function):
+    """One Batch Renormalization training step on Triton kernels. Updates the running statistics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        momentum: float,
+        eps: float,
+        r_max: float,
+        d_max: float,
+    ) -> torch.Tensor:
+        if x.numel() == 0:
+            raise ValueError("TritonBatchRenormFunction needs a non-empty batch")
+        kernels = kernel_module("triton_brn_kernels")
+        n, c, h, w = x.shape
+        count = n * h * w
+        plan, channels_last = plan_reduction_for(x)
+        partials = torch.empty((2, plan.num_splits, c), dtype=running_var.dtype, device=x.device)
+        stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
+        kernels.forward_statistics_kernel[plan.grid](
+            x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
+            stats, c, h * w, count, plan.num_tiles, plan.num_splits,
+            momentum, 1.0 - momentum, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
+            LERP_FROM_END=momentum >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        )
+        y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
+        ctx.save_for_backward(x, stats)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        kernels = kernel_module("triton_brn_kernels")
+        x, stats = ctx.saved_tensors
+        grad_out = matching_layout(grad_out, x)
+        n, c, h, w = x.shape
+        plan, channels_last = plan_reduction_for(x)
+        partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
+        grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
+        kernels.backward_statistics_kernel[plan.grid](
+            grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
+            c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
+            CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = launch_channel_affine(
+                grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
+                scale_b=grads[kernels.GRADS_X_COEF],
+            )
+        return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None

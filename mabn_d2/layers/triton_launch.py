@@ -1,0 +1,185 @@
+"""Host side of the Triton paths: launch shapes, workspaces, input checks, the affine launch.
+
+Launch shapes are pure functions of the tensor shape, cached, so a training step spends
+little Python on them; nothing here reads a tensor's values (no host synchronisation).
+"""
+import dataclasses
+import functools
+import importlib
+from types import ModuleType
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan",
+    "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
+    "launch_channel_affine", "plan_reduction_for", "matching_layout",
+]
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTuning:
+    """Block-size knobs: elements per program tile, reduction programs per SM."""
+
+    reduce_tile: int = 2048
+    elementwise_tile: int = 2048
+    programs_per_sm: int = 8
+    max_channel_block: int = 64  # channels per program in channels_last reductions
+    num_warps: int = 4
+
+
+TUNING = LaunchTuning()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionPlan:
+    block_r: int  # rows (channels_last) or H*W positions (NCHW) per tile
+    block_c: int  # channels per program
+    channel_blocks: int
+    num_tiles: int  # tiles per channel block
+    num_splits: int  # programs per channel block
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return (self.channel_blocks, self.num_splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwisePlan:
+    rows: int
+    row_len: int
+    block_m: int
+    block_k: int
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return (_cdiv(self.rows, self.block_m), _cdiv(self.row_len, self.block_k))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=512)
+def reduction_plan(n: int, c: int, hw: int, channels_last: bool, sms: int, tuning: LaunchTuning) -> ReductionPlan:
+    """Tiles of about `reduce_tile` elements; channel blocks split to fill `sms` SMs."""
+    if channels_last:
+        block_c = min(_next_power_of_2(c), tuning.max_channel_block)
+        block_r = max(1, min(tuning.reduce_tile // block_c, _next_power_of_2(n * hw)))
+        num_tiles = _cdiv(n * hw, block_r)
+    else:
+        block_r = min(_next_power_of_2(hw), tuning.reduce_tile)
+        block_c = max(1, min(tuning.reduce_tile // block_r, _next_power_of_2(c)))
+        num_tiles = n * _cdiv(hw, block_r)
+    channel_blocks = _cdiv(c, block_c)
+    wanted = _cdiv(tuning.programs_per_sm * sms, channel_blocks)
+    num_splits = max(1, min(wanted, num_tiles, MAX_GRID_Y))
+    return ReductionPlan(block_r, block_c, channel_blocks, num_tiles, num_splits)
+
+
+@functools.lru_cache(maxsize=512)
+def elementwise_plan(n: int, c: int, hw: int, channels_last: bool, tuning: LaunchTuning) -> ElementwisePlan:
+    """The tensor as a [rows, row_len] matrix, tiles of about `elementwise_tile` elements."""
+    rows, row_len = (n * hw, c) if channels_last else (n * c, hw)
+    block_k = min(_next_power_of_2(row_len), tuning.elementwise_tile)
+    block_m = max(1, min(tuning.elementwise_tile // block_k, _next_power_of_2(rows)))
+    return ElementwisePlan(rows, row_len, block_m, block_k)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # Triton's CPU interpreter
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def plan_reduction_for(x: torch.Tensor) -> Tuple[ReductionPlan, bool]:
+    """The reduction plan for a 4-D activation and whether it is read as channels_last."""
+    n, c, h, w = x.shape
+    channels_last = is_channels_last(x)
+    return reduction_plan(n, c, h * w, channels_last, sm_count(x.device), TUNING), channels_last
+
+
+_counters: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per channel block; every reduction leaves them zeroed.
+
+    One set per (device, stream): launches on one stream run in order, so they never overlap.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _counters.get((device, stream))
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _counters[(device, stream)] = counters
+    return counters
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module(name: str) -> ModuleType:
+    """A kernel module of this package, imported on first use (kernels are defined at import,
+    and TRITON_INTERPRET must be read then, not when mabn_d2 is imported)."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def unsupported_input_reason(x: torch.Tensor, state_dtype: torch.dtype, state: Sequence[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """Why the kernels cannot take this activation and per-channel state, or None."""
+    if x.dim() != 4:
+        return f"expects a 4-D input, got {x.dim()}-D"
+    if x.numel() == 0:
+        return "empty input (the module answers it in eval form)"
+    if state_dtype not in (torch.float32, torch.float64):
+        return f"state dtype {state_dtype} (float32 or float64 needed)"
+    if state_dtype == torch.float32 and x.dtype not in ACTIVATION_DTYPES:
+        return f"input dtype {x.dtype} with float32 state"
+    if state_dtype == torch.float64 and x.dtype != torch.float64:
+        return f"input dtype {x.dtype} with float64 state"
+    for name, t in state:
+        if t is None or t.dtype != state_dtype or not t.is_contiguous() or t.device != x.device:
+            return f"{name} must be a contiguous {state_dtype} tensor on {x.device}"
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return "input is neither contiguous NCHW nor channels_last"
+    n, c, h, w = x.shape
+    plan = elementwise_plan(n, c, h * w, is_channels_last(x), TUNING)
+    if plan.grid[1] > MAX_GRID_Y or plan.rows >= 2**31:
+        return f"shape {tuple(x.shape)} exceeds the launch grid"
+    return None
+
+
+def launch_channel_affine(
+    a: torch.Tensor, scale_a: torch.Tensor, shift: Optional[torch.Tensor],
+    b: Optional[torch.Tensor] = None, scale_b: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """a * scale_a[c] (+ b * scale_b[c]) (+ shift[c]) in one pass; b's dtype and a's layout when
+    b is given (a gradient for b), else a's dtype."""
+    out = torch.empty_like(a, dtype=a.dtype if b is None else b.dtype)
+    n, c, h, w = a.shape
+    channels_last = is_channels_last(a)
+    plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
+    kernel_module("triton_common").channel_affine_kernel[plan.grid](
+        a, b if b is not None else a, scale_a, scale_b if scale_b is not None else scale_a,
+        shift if shift is not None else scale_a, out, plan.rows, plan.row_len, c,
+        HAS_B=b is not None, HAS_SHIFT=shift is not None, CHANNELS_LAST=channels_last,
+        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, num_warps=TUNING.num_warps,
+    )
+    return out
+
+
+def matching_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`grad` with x's strides (the kernels index both alike): a copy only when they differ."""
+    if grad.stride() == x.stride():
+        return grad
+    return grad.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)

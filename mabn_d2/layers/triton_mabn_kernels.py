@@ -1,0 +1,134 @@
+"""Triton kernels of MABN's training step: two launches forward, two backward.
+
+Forward: `forward_statistics_kernel` reduces sum(x^2) per channel and, in the program that
+finishes a channel block last, runs MABN's per-channel statistics (ring-buffer write, SMA,
+re-normalization factor and clip, EMA update, non-finite guard); `channel_affine_kernel`
+(triton_common) then normalizes. Backward: `backward_statistics_kernel` reduces sum(dy*x) and
+sum(dy) with the Psi epilogue (ring buffer and its SMA, weight and bias gradients);
+`channel_affine_kernel` forms dx. Layouts, split reductions and accumulation: triton_common.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import arrive_last, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials
+
+__all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
+
+# Rows of the per-channel tensor the forward hands to the backward ([STATS_ROWS, C]).
+STATS_ALPHA, STATS_INVSTD, STATS_R, STATS_CHI2, STATS_ROWS = 0, 1, 2, 3, 4
+# Rows of the backward's per-channel results ([GRADS_ROWS, C]).
+GRADS_WEIGHT, GRADS_BIAS, GRADS_X_COEF, GRADS_ROWS = 0, 1, 2, 3
+
+
+@triton.jit
+def _ring_buffer_statistic(
+    buffer_ptr, batch_value, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS: tl.constexpr
+):
+    """Writes the batch statistic into ring-buffer row `slot` (non-finite entries keep the
+    old value) and returns the statistic in use: the batch value early, the buffer mean later."""
+    row_ptr = buffer_ptr + slot * C + c_offs
+    kept = keep_finite(batch_value, tl.load(row_ptr, mask=c_mask, other=0.0))
+    tl.store(row_ptr, kept, mask=c_mask)
+    statistic = batch_value
+    if not USE_BATCH_STATISTICS:
+        total = tl.zeros_like(batch_value)
+        for row in range(buffer_size):
+            stored = tl.load(buffer_ptr + row * C + c_offs, mask=c_mask, other=0.0)
+            total += tl.where(row == slot, kept, stored)
+        statistic = exact_div(total, tl.full([], buffer_size, batch_value.dtype))
+    return statistic
+
+
+@triton.jit(do_not_specialize=["slot"])
+def forward_statistics_kernel(
+    x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, partials_ptr, counters_ptr, stats_ptr,
+    C, HW, count, num_tiles, num_splits, slot, buffer_size,
+    momentum: tl.float64, one_minus_momentum: tl.float64, eps: tl.float64,
+    clip_low: tl.float64, clip_high: tl.float64,
+    CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """chi2_B = mean(x^2) per channel, then MABN's forward statistics in the epilogue.
+
+    Grid (channel blocks, splits). Updates x2_buffer[slot] and running_var in place and writes
+    stats[STATS_ROWS, C]: alpha = weight*r/sqrt(chi2+eps), 1/sqrt(chi2+eps), r, chi2.
+    """
+    acc_dtype: tl.constexpr = running_var_ptr.dtype.element_ty
+    pid_c = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    sum_sq, _ = partial_channel_sums(
+        x_ptr, x_ptr, 0.0, c_offs, pid_split, num_splits, num_tiles, C, HW, count, acc_dtype,
+        True, False, CHANNELS_LAST, BLOCK_R, BLOCK_C,
+    )
+    tl.store(partials_ptr + pid_split * C + c_offs, sum_sq, mask=c_mask)
+    if arrive_last(counters_ptr, pid_c, num_splits):
+        total = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        chi2_batch = exact_div(total, tl.full([], count, acc_dtype))
+        chi2 = _ring_buffer_statistic(
+            x2_buffer_ptr, chi2_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS
+        )
+        eps_ = tl.full([], eps, acc_dtype)
+        std = exact_sqrt(chi2 + eps_)
+        running_var = tl.load(running_var_ptr + c_offs, mask=c_mask, other=1.0)
+        r = tl.zeros_like(chi2) + 1.0
+        if RENORMALIZE:
+            ratio = exact_div(std, exact_sqrt(running_var + eps_))
+            r = tl.clamp(
+                ratio, tl.full([], clip_low, acc_dtype), tl.full([], clip_high, acc_dtype),
+                propagate_nan=tl.PropagateNan.ALL,
+            )
+        updated = running_var * tl.full([], momentum, acc_dtype) + chi2 * tl.full([], one_minus_momentum, acc_dtype)
+        tl.store(running_var_ptr + c_offs, keep_finite(updated, running_var), mask=c_mask)
+        invstd = exact_div(tl.zeros_like(std) + 1.0, std)
+        weight = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0)
+        tl.store(stats_ptr + 0 * C + c_offs, weight * r * invstd, mask=c_mask)  # STATS_ALPHA
+        tl.store(stats_ptr + 1 * C + c_offs, invstd, mask=c_mask)  # STATS_INVSTD
+        tl.store(stats_ptr + 2 * C + c_offs, r, mask=c_mask)  # STATS_R
+        tl.store(stats_ptr + 3 * C + c_offs, chi2, mask=c_mask)  # STATS_CHI2
+        tl.store(counters_ptr + pid_c, 0)  # ready for the next launch
+
+
+@triton.jit(do_not_specialize=["slot"])
+def backward_statistics_kernel(
+    grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, partials_ptr, counters_ptr, grads_ptr,
+    C, HW, count, num_tiles, num_splits, slot, buffer_size, eps: tl.float64,
+    CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """sum(dy*x) and sum(dy) per channel, then Psi_B, its ring buffer and SMA in the epilogue.
+
+    Grid (channel blocks, splits); partials is [2, num_splits, C]. Updates gz_buffer[slot] and
+    writes grads[GRADS_ROWS, C]: dweight, dbias and the coefficient of x in dx
+    (dx = dy * alpha + x * coefficient, coefficient = -Psi/(chi2+eps)).
+    """
+    acc_dtype: tl.constexpr = stats_ptr.dtype.element_ty
+    pid_c = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    sum_dy_x, sum_dy = partial_channel_sums(
+        grad_ptr, x_ptr, 0.0, c_offs, pid_split, num_splits, num_tiles, C, HW, count, acc_dtype,
+        False, False, CHANNELS_LAST, BLOCK_R, BLOCK_C,
+    )
+    second_half = num_splits * C
+    tl.store(partials_ptr + pid_split * C + c_offs, sum_dy_x, mask=c_mask)
+    tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_dy, mask=c_mask)
+    if arrive_last(counters_ptr, pid_c, num_splits):
+        total_dy_x = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        invstd = tl.load(stats_ptr + 1 * C + c_offs, mask=c_mask, other=0.0)  # STATS_INVSTD
+        r = tl.load(stats_ptr + 2 * C + c_offs, mask=c_mask, other=1.0)  # STATS_R
+        chi2 = tl.load(stats_ptr + 3 * C + c_offs, mask=c_mask, other=1.0)  # STATS_CHI2
+        weight = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0)
+        sum_dy_z = total_dy_x * invstd
+        psi_batch = exact_div(weight * r * sum_dy_z, tl.full([], count, acc_dtype))
+        psi = _ring_buffer_statistic(
+            gz_buffer_ptr, psi_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS
+        )
+        coefficient = -exact_div(psi, chi2 + tl.full([], eps, acc_dtype))
+        tl.store(grads_ptr + 0 * C + c_offs, sum_dy_z * r, mask=c_mask)  # GRADS_WEIGHT
+        tl.store(grads_ptr + 1 * C + c_offs, total_dy, mask=c_mask)  # GRADS_BIAS
+        tl.store(grads_ptr + 2 * C + c_offs, coefficient, mask=c_mask)  # GRADS_X_COEF
+        tl.store(counters_ptr + pid_c, 0)  # ready for the next launch
