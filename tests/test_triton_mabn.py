@@ -2,15 +2,12 @@
 
 The kernels run as numpy programs here (TRITON_INTERPRET=1, set by tests/conftest.py before
 triton is imported), so tensors are tiny and runs short; the phase settings (buffer 2, warm-ups 3
-and 5) put every phase in a few iterations. A subprocess compiles the kernels for an H100/H200
-(sm_90) without a GPU, so constructs the interpreter accepts but a GPU would not are caught.
+and 5) put every phase in a few iterations. tests/test_triton_gpu_compile.py compiles the same
+kernels for a GPU.
 """
 import copy
 import dataclasses
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,30 +18,9 @@ from mabn_d2.layers.functional import MABNFunction, mabn_phase
 from mabn_d2.layers.triton_launch import elementwise_plan, reduction_plan
 from mabn_d2.layers.triton_mabn import TritonMABNFunction
 
-pytest.importorskip("triton")
+from .triton_interpreter import requires_triton_interpreter
 
-PHASES = dict(buffer_size=2, warmup_iters=3, renorm_warmup_iters=5)
-HPARAMS = dict(momentum=0.9, eps=1e-5, renorm_clip=1.5)
-ITERATIONS = 8  # 1-2 batch statistics, 3-5 moving averages, 6-8 moving averages + clipped r
-DETECTION_SHAPES = [
-    (2, 64, 200, 336), (2, 256, 200, 336), (2, 512, 100, 168), (2, 1024, 50, 84),
-    (2, 2048, 25, 42), (1024, 256, 7, 7), (100, 256, 14, 14),
-]
-SMALL_TILES = triton_launch.LaunchTuning(reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2)
-
-
-def _interpreter_active() -> bool:
-    """True when Triton's own jit helpers (tl.sum, tl.zeros) were defined for the interpreter,
-    i.e. TRITON_INTERPRET=1 was set before triton was imported (tests/conftest.py does it)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl.zeros, InterpretedFunction)
-
-
-pytestmark = pytest.mark.skipif(
-    not _interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton is imported (see tests/conftest.py)"
-)
+pytestmark = requires_triton_interpreter
 
 
 class SpecMABN:
@@ -388,62 +364,3 @@ def test_unsupported_inputs_are_named():
     assert "float64" in reason(torch.randn(2, 3, 4, 4, dtype=torch.float64), *args)
     assert "contiguous" in reason(torch.randn(2, 3, 4, 8)[..., ::2], *args)
     assert "empty" in reason(torch.randn(0, 3, 4, 4), *args)
-
-
-GPU_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    spec = importlib.util.spec_from_file_location("triton_kernels", sys.argv[1])  # triton only, no torch
-    k = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(k)
-
-    def source(kernel, pointers, constexprs):
-        sig = {}
-        for p in kernel.params:
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"
-            elif p.name.endswith("_ptr"):
-                sig[p.name] = "*" + pointers.get(p.name, pointers["state"])
-            else:
-                sig[p.name] = p.annotation or "i32"
-        return ASTSource(kernel, sig, constexprs)
-
-    sources = []
-    variants = [("bf16", "fp32", False, True), ("bf16", "fp32", True, True), ("bf16", "fp32", False, False),
-                ("bf16", "fp32", True, False), ("fp64", "fp64", True, False)]
-    for act, state, channels_last, early in variants:
-        block_r, block_c = (32, 64) if channels_last else (1024, 2)
-        sources.append(source(k.forward_statistics_kernel, dict(x_ptr=act, counters_ptr="i32", state=state),
-            dict(CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=early, RENORMALIZE=not early,
-                 BLOCK_R=block_r, BLOCK_C=block_c)))
-        sources.append(source(k.backward_statistics_kernel, dict(grad_ptr=act, x_ptr=act, counters_ptr="i32", state=state),
-            dict(CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=early, BLOCK_R=block_r, BLOCK_C=block_c)))
-        sources.append(source(k.channel_affine_kernel, dict(a_ptr=act, b_ptr=act, out_ptr=act, state=state),
-            dict(HAS_B=not early, HAS_SHIFT=early, CHANNELS_LAST=channels_last, BLOCK_M=2, BLOCK_K=1024)))
-    for src in sources:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        assert compiled.asm["cubin"], src.name
-    print("compiled", len(sources))
-    """
-)
-
-
-def test_kernels_compile_for_an_sm90_gpu():
-    """Lowers the kernel variants to sm_90 machine code with Triton's own ptxas (no GPU needed)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mabn_d2_triton_compile_check")
-    kernels_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mabn_d2", "layers", "triton_kernels.py")
-    result = subprocess.run(
-        [sys.executable, "-c", GPU_COMPILE_SCRIPT, kernels_file], env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 15" in result.stdout

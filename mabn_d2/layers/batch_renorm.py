@@ -2,7 +2,9 @@
 import torch
 from torch import nn
 
+from .backend import use_triton
 from .base import HostIterationCounter
+from .triton_batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
 
 __all__ = ["BatchRenorm2d", "renorm_limits"]
 
@@ -31,6 +33,7 @@ class BatchRenorm2d(HostIterationCounter):
     `momentum` follows torch's BatchNorm convention (weight of the new batch statistic).
     r_max and d_max start at 1 and 0 and ramp linearly to their final values after
     `warmup_iters`, over `r_max_ramp_iters` and `d_max_ramp_iters` iterations.
+    The training step runs on Triton kernels for CUDA tensors (see `backend`, MABN_D2_BACKEND).
     """
 
     def __init__(
@@ -80,8 +83,14 @@ class BatchRenorm2d(HostIterationCounter):
             return nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
+        triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
+            x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d")
         self._advance_iteration()
         r_max, d_max = self.current_limits()
+        if triton_step:
+            return TritonBatchRenormFunction.apply(
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps, r_max, d_max
+            )
         dims = (0, 2, 3)
         x_work = x.to(torch.promote_types(x.dtype, self.running_mean.dtype))  # bf16 -> f32, f64 stays
         var_b, mean_b = torch.var_mean(x_work, dim=dims, correction=0)

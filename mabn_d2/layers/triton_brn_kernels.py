@@ -9,7 +9,7 @@ coefficients of dx = dy*scale + x*coef + offset and the weight and bias gradient
 import triton
 import triton.language as tl
 
-from .triton_common import arrive_last, exact_div, exact_sqrt, partial_channel_sums, total_of_partials
+from .triton_common import arrive_last, clip, exact_div, exact_sqrt, partial_channel_sums, total_of_partials
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
 
@@ -62,10 +62,9 @@ def forward_statistics_kernel(
         std = exact_sqrt(var + eps_)
         running_var = tl.load(running_var_ptr + c_offs, mask=c_mask, other=1.0)
         std_run = exact_sqrt(running_var + eps_)
-        r = tl.clamp(exact_div(std, std_run), tl.full([], r_low, acc_dtype), tl.full([], r_high, acc_dtype),
-                     propagate_nan=tl.PropagateNan.ALL)
+        r = clip(exact_div(std, std_run), tl.full([], r_low, acc_dtype), tl.full([], r_high, acc_dtype))
         d_limit = tl.full([], d_max, acc_dtype)
-        d = tl.clamp(exact_div(mean - running_mean, std_run), -d_limit, d_limit, propagate_nan=tl.PropagateNan.ALL)
+        d = clip(exact_div(mean - running_mean, std_run), -d_limit, d_limit)
         weight_ = tl.full([], momentum, acc_dtype)
         rest = tl.full([], one_minus_momentum, acc_dtype)
         new_mean = _lerp(running_mean, mean, weight_, rest, LERP_FROM_END)

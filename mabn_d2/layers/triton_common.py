@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "exact_div", "exact_sqrt", "keep_finite", "partial_channel_sums", "arrive_last", "total_of_partials",
+    "exact_div", "exact_sqrt", "clip", "keep_finite", "partial_channel_sums", "arrive_last", "total_of_partials",
     "channel_affine_kernel",
 ]
 
@@ -34,6 +34,13 @@ def exact_sqrt(x):
         return tl.sqrt(x)
     else:
         return tl.math.sqrt_rn(x)
+
+
+@triton.jit
+def clip(x, low, high):
+    """x clipped to [low, high], NaN kept (torch.clamp's behaviour). Written as max/min because
+    tl.clamp lowers symmetric float64 bounds to a float32-only intrinsic."""
+    return tl.minimum(tl.maximum(x, low, propagate_nan=tl.PropagateNan.ALL), high, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

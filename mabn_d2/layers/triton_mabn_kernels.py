@@ -10,7 +10,7 @@ sum(dy) with the Psi epilogue (ring buffer and its SMA, weight and bias gradient
 import triton
 import triton.language as tl
 
-from .triton_common import arrive_last, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials
+from .triton_common import arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
 
@@ -75,10 +75,7 @@ def forward_statistics_kernel(
         r = tl.zeros_like(chi2) + 1.0
         if RENORMALIZE:
             ratio = exact_div(std, exact_sqrt(running_var + eps_))
-            r = tl.clamp(
-                ratio, tl.full([], clip_low, acc_dtype), tl.full([], clip_high, acc_dtype),
-                propagate_nan=tl.PropagateNan.ALL,
-            )
+            r = clip(ratio, tl.full([], clip_low, acc_dtype), tl.full([], clip_high, acc_dtype))
         updated = running_var * tl.full([], momentum, acc_dtype) + chi2 * tl.full([], one_minus_momentum, acc_dtype)
         tl.store(running_var_ptr + c_offs, keep_finite(updated, running_var), mask=c_mask)
         invstd = exact_div(tl.zeros_like(std) + 1.0, std)
