@@ -31,6 +31,12 @@ class LaunchTuning:
     max_channel_block: int = 64  # channels per program in channels_last reductions
     num_warps: int = 4
 
+    def __post_init__(self):
+        for name in ("reduce_tile", "elementwise_tile", "max_channel_block", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"LaunchTuning.{name} must be a power of two (Triton block shapes), got {value}")
+
 
 TUNING = LaunchTuning()
 
