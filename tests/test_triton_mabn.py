@@ -22,6 +22,15 @@ from .triton_interpreter import requires_triton_interpreter
 
 pytestmark = requires_triton_interpreter
 
+PHASES = dict(buffer_size=2, warmup_iters=3, renorm_warmup_iters=5)
+HPARAMS = dict(momentum=0.9, eps=1e-5, renorm_clip=1.5)
+ITERATIONS = 8  # 1-2 batch statistics, 3-5 moving averages, 6-8 moving averages + clipped r
+DETECTION_SHAPES = [
+    (2, 64, 200, 336), (2, 256, 200, 336), (2, 512, 100, 168), (2, 1024, 50, 84),
+    (2, 2048, 25, 42), (1024, 256, 7, 7), (100, 256, 14, 14),
+]
+SMALL_TILES = triton_launch.LaunchTuning(reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2)
+
 
 class SpecMABN:
     """The algorithm spec in float64 whole-tensor arithmetic, plus the per-channel guard that
