@@ -3,6 +3,7 @@
 Crashes are simulated deterministically: a save that fails halfway, and a process that kills
 itself with SIGKILL halfway through writing a checkpoint.
 """
+import contextlib
 import logging
 import os
 import random
@@ -172,6 +173,17 @@ def test_loading_weights_without_resume_ignores_per_process_state(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@contextlib.contextmanager
+def _handled_by(caplog, logger_name):
+    """Records of `logger_name` reach caplog even where detectron2's setup_logger stopped propagation."""
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def _rank_states(world_size: int):
     states = []
     for rank in range(world_size):
@@ -195,7 +207,7 @@ def test_another_process_count_takes_buffers_of_rank_mod_n_and_keeps_its_rng(wor
     model = _model(seed=5)
     torch.manual_seed(7)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"):
+    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"), _handled_by(caplog, "mabn_d2.rank_state"):
         restore_rank_state(model, saved, rank=rank, world_size=world_size, source="model_0000003.pth")
     assert torch.equal(model[1].x2_buffer, saved[source_rank]["buffers"]["1.x2_buffer"])
     assert torch.equal(torch.get_rng_state(), rng)

@@ -1,4 +1,7 @@
-"""End-to-end: the demo config trains, evaluates, resumes exactly and runs under launch()."""
+"""End-to-end: the demo config trains, evaluates, resumes exactly (one process or two, after a
+crash at a known point) and runs under launch()."""
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -142,3 +145,169 @@ def test_norm_parameters_get_the_norm_weight_decay(demo_datasets_dir, tmp_path):
     conv = model.backbone.bottom_up.stem.conv1
     assert decay_of[id(conv.weight)] == 1e-4
     assert len(decay_of) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- crashes and resume
+
+# MABN past its warm-ups within a few iterations: moving averages and re-normalization are used,
+# so a process that resumed with another process's statistics computes other outputs.
+MABN_QUICK = ["MODEL.MABN.BUFFER_SIZE", "2", "MODEL.MABN.WARMUP_ITERS", "0", "MODEL.MABN.RENORM_WARMUP_ITERS", "2"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_while_writing(checkpointer, monkeypatch, name):
+    """Make `checkpointer` write half of checkpoint `name` and fail, as a crash mid-write would."""
+    save = checkpointer.save
+
+    def half_then_crash(data, f):
+        f.write(b"PK\x03\x04 half of it")
+        raise _Crash(name)
+
+    def save_crashing_on_name(checkpoint_name, **kwargs):
+        if checkpoint_name == name:
+            monkeypatch.setattr(checkpointer, "_serialize", half_then_crash)
+        save(checkpoint_name, **kwargs)
+
+    monkeypatch.setattr(checkpointer, "save", save_crashing_on_name)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_tensors(expected, actual, what):
+    """Bit-for-bit equality of two nested checkpoint structures."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(expected, actual), f"{what} differs"
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), f"{what}: other keys"
+        for key in expected:
+            _assert_same_tensors(expected[key], actual[key], f"{what}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), f"{what}: other length"
+        for i, (a, b) in enumerate(zip(expected, actual)):
+            _assert_same_tensors(a, b, f"{what}[{i}]")
+    else:
+        assert expected == actual, f"{what}: {expected!r} != {actual!r}"
+
+
+@pytest.mark.slow
+def test_crash_while_rewriting_the_only_checkpoint_keeps_it(demo_datasets_dir, tmp_path, monkeypatch):
+    """A finished run extended with --resume and a larger MAX_ITER, the demo's checkpoint policy."""
+    common = ["SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()"]
+    first = MABNTrainer(_tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "2", *common))
+    first.resume_or_load(resume=False)
+    first.train()
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".pth")) == ["model_final.pth"]
+    finished = (tmp_path / "model_final.pth").read_bytes()
+
+    extended = MABNTrainer(_tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "4", *common))
+    extended.resume_or_load(resume=True)
+    _crash_while_writing(extended.checkpointer, monkeypatch, "model_final")
+    with pytest.raises(_Crash):
+        extended.train()
+    assert (tmp_path / "model_final.pth").read_bytes() == finished  # the only checkpoint survived
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+    again = MABNTrainer(_tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "4", *common))
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 2
+    again.train()
+    assert _load(tmp_path / "model_final.pth")["iteration"] == 3
+
+
+@pytest.mark.slow
+def test_resumed_finished_run_never_ends_without_a_readable_final_model(demo_datasets_dir, tmp_path, monkeypatch):
+    common = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    first = MABNTrainer(_tiny_cfg(tmp_path, *common))
+    first.resume_or_load(resume=False)
+    _crash_while_writing(first.checkpointer, monkeypatch, "model_final")
+    with pytest.raises(_Crash):  # the crash comes while model_final.pth is written at the end
+        first.train()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert not (tmp_path / "model_final.pth").exists()
+    last = _load(tmp_path / "model_0000003.pth")
+
+    for final_before in ("missing", "empty"):  # "empty": what writing in place used to leave
+        if final_before == "empty":
+            (tmp_path / "model_final.pth").write_bytes(b"")
+            (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+        resumed = MABNTrainer(_tiny_cfg(tmp_path, *common))
+        resumed.resume_or_load(resume=True)
+        assert resumed.start_iter == 4 == resumed.max_iter
+        resumed.train()
+        final = _load(tmp_path / "model_final.pth")
+        assert final["iteration"] == 3
+        _assert_same_tensors(last["model"], final["model"], "model")
+        (tmp_path / "model_final.pth").unlink()
+
+
+@contextlib.contextmanager
+def _handled_by(caplog, logger_name):
+    """Records of `logger_name` reach caplog even where detectron2's setup_logger stopped propagation."""
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+STOPPED = 17  # tests/interrupted_train_net.py's exit status
+
+
+def _train_net(output_dir, *extra, processes=2, stop_after=None, demo_datasets_dir=None):
+    env = dict(os.environ, DETECTRON2_DATASETS=demo_datasets_dir, OMP_NUM_THREADS="1")
+    script = ["tests/interrupted_train_net.py", str(stop_after)] if stop_after else ["tools/train_net.py"]
+    command = [sys.executable, *script, "--num-gpus", str(processes), "--config-file", DEMO_CONFIG, *extra,
+               "OUTPUT_DIR", str(output_dir)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT)
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_exact(demo_datasets_dir, tmp_path):
+    opts = [*TINY, *MABN_QUICK, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "DATASETS.TEST", "()"]
+    straight = _train_net(tmp_path / "straight", *opts, demo_datasets_dir=demo_datasets_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    interrupted_dir = tmp_path / "interrupted"
+    interrupted = _train_net(interrupted_dir, *opts, stop_after=3, demo_datasets_dir=demo_datasets_dir)
+    assert interrupted.returncode == STOPPED, interrupted.stderr[-3000:]
+    assert (interrupted_dir / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (interrupted_dir / "model_final.pth").exists()
+    resumed = _train_net(interrupted_dir, "--resume", *opts, demo_datasets_dir=demo_datasets_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Starting training from iteration 3" in (interrupted_dir / "log.txt").read_text()
+
+    expected, actual = _load(tmp_path / "straight" / "model_final.pth"), _load(interrupted_dir / "model_final.pth")
+    ranks = expected["rank_states"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["buffers"]["backbone.fpn_output2.norm.x2_buffer"],
+                                               ranks[1]["buffers"]["backbone.fpn_output2.norm.x2_buffer"])
+    assert expected.keys() == actual.keys() >= {"model", "rank_states", "trainer", "training_stream", "iteration"}
+    for key in expected:
+        _assert_same_tensors(expected[key], actual[key], key)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_process(demo_datasets_dir, tmp_path, caplog):
+    opts = [*TINY, *MABN_QUICK, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    interrupted = _train_net(tmp_path, *opts, stop_after=2, demo_datasets_dir=demo_datasets_dir)
+    assert interrupted.returncode == STOPPED, interrupted.stderr[-3000:]
+    saved = _load(tmp_path / "model_0000001.pth")
+    assert len(saved["rank_states"]) == 2
+
+    trainer = MABNTrainer(_tiny_cfg(tmp_path, *MABN_QUICK, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
+                                    "DATASETS.TEST", "()"))
+    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"), _handled_by(caplog, "mabn_d2.rank_state"):
+        trainer.resume_or_load(resume=True)
+    assert "was written by 2 processes and this run has 1" in caplog.text and "not exact" in caplog.text
+    buffers = saved["rank_states"][0]["buffers"]
+    for key, value in trainer.model.state_dict().items():
+        if key in buffers:
+            assert torch.equal(value, buffers[key]), key  # process 0 continues from saved process 0's state
+    trainer.train()
+    assert _load(tmp_path / "model_final.pth")["iteration"] == 3
