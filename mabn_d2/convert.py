@@ -24,7 +24,7 @@ import torch
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
 
 from .atomic_io import atomic_write
-from .checkpoint import describe_unreadable
+from .checkpoint import CONVERTED_AUTHOR, CONVERTED_PREFIX, describe_unreadable
 
 __all__ = [
     "ConversionError",
@@ -36,7 +36,7 @@ __all__ = [
     "torchvision_to_detectron2_names",
 ]
 
-BACKBONE_PREFIX = "backbone.bottom_up."
+BACKBONE_PREFIX = CONVERTED_PREFIX  # where a detectron2 FPN model keeps its ResNet
 STAGES = ("res2", "res3", "res4", "res5")
 # (bottleneck blocks?, blocks in res2..res5) -> depth, as detectron2's build_resnet_backbone builds them
 RESNET_DEPTHS: Dict[Tuple[bool, Tuple[int, ...]], int] = {
@@ -234,6 +234,6 @@ def convert_checkpoint(input_path: str, output_path: str) -> Dict[str, object]:
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(output_path, lambda f: torch.save(
-        {"model": state, "__author__": "mabn_d2.convert", "matching_heuristics": False}, f))
+        {"model": state, "__author__": CONVERTED_AUTHOR, "matching_heuristics": False}, f))
     return {"source_format": source, "depth": depth, "norm_layers": norms, "affine_only_norms": affine_only,
             "dropped_classifier_keys": dropped, "tensors": len(state), "output": output_path}
