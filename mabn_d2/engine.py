@@ -152,7 +152,7 @@ class MABNTrainer(DefaultTrainer):
         """
         result = super().build_hooks()
         if not comm.is_main_process():
-            evaluation = next(i for i, hook in enumerate(result) if isinstance(hook, hooks.EvalHook))
+            evaluation = next((i for i, hook in enumerate(result) if isinstance(hook, hooks.EvalHook)), len(result))
             result.insert(evaluation, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return result
 

@@ -61,6 +61,20 @@ def test_output_dir_that_is_a_file(train_net, tmp_path, capsys):
     assert f"OUTPUT_DIR {a_file} exists and is not a folder" in _refused(train_net, capsys, "OUTPUT_DIR", a_file)
 
 
+def test_output_dir_under_a_read_only_folder(train_net, tmp_path, capsys, monkeypatch):
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.access(parent, os.W_OK):  # root ignores permission bits: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(parent) else real_access(p, mode))
+    try:
+        err = _refused(train_net, capsys, "OUTPUT_DIR", parent / "run")
+    finally:
+        parent.chmod(0o755)
+    assert f"cannot write OUTPUT_DIR {parent / 'run'}: {parent} is not writable" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_device_without_cuda(train_net, tmp_path, capsys):
     err = _refused(train_net, capsys, "MODEL.DEVICE", "cuda", "OUTPUT_DIR", tmp_path / "run")
@@ -84,6 +98,16 @@ def test_eval_only_with_an_unreadable_model(train_net, tmp_path, capsys):
     weights.write_bytes(b"")
     err = _refused(train_net, capsys, "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "eval")
     assert f"cannot read checkpoint {weights}: the file is empty" in err
+
+
+def test_training_from_unreadable_weights(train_net, tmp_path, capsys):
+    weights = tmp_path / "R-50-mabn.pth"
+    weights.write_text("not weights")
+    err = _refused(train_net, capsys, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "run")
+    assert f"cannot read checkpoint {weights}: not a PyTorch or pickle checkpoint" in err
+    assert not (tmp_path / "run").exists()
+    err = _refused(train_net, capsys, "MODEL.WEIGHTS", tmp_path / "R-50.pkl", "OUTPUT_DIR", tmp_path / "run")
+    assert f"checkpoint not found: {tmp_path / 'R-50.pkl'} (MODEL.WEIGHTS)" in err
 
 
 def test_processes_meet_on_a_free_port_unless_told(train_net):

@@ -25,7 +25,7 @@ import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
 from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
-from mabn_d2.preflight import UsageError, check_device
+from mabn_d2.preflight import UsageError, check_device, check_writable_dir
 
 logger = logging.getLogger("mabn_d2.train_net")
 USAGE_ERROR_STATUS = 2
@@ -50,12 +50,21 @@ def check_before_start(args) -> None:
     """The checks every process would otherwise fail on, done once, before anything is written."""
     cfg = setup_cfg(args.config_file, args.opts)
     check_device(cfg.MODEL.DEVICE, args.num_gpus if cfg.MODEL.DEVICE.startswith("cuda") else 1)
-    if args.resume:
-        check_resume_point(cfg.OUTPUT_DIR)
-    if args.eval_only and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
-        weights = cfg.MODEL.WEIGHTS
-        if weights and "://" not in weights:
-            read_checkpoint(weights, mmap=True)
+    check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    if args.resume and check_resume_point(cfg.OUTPUT_DIR):
+        return  # MODEL.WEIGHTS is not used
+    check_weights_file(cfg.MODEL.WEIGHTS)
+
+
+def check_weights_file(weights: str) -> None:
+    """CheckpointError unless MODEL.WEIGHTS is empty, a URL, or a local file that loads."""
+    if not weights or "://" in weights:
+        return
+    if weights.endswith(".pkl"):  # Detectron/Caffe2 pickles: detectron2 reads them itself
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"checkpoint not found: {weights} (MODEL.WEIGHTS)")
+        return
+    read_checkpoint(weights, mmap=True)
 
 
 def _main_reporting_errors(args):
