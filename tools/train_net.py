@@ -8,8 +8,8 @@ On a machine without GPUs, --num-gpus N starts N CPU processes that train with g
 of one machine meet on a free local port unless --dist-url is given.
 
 Before any process starts or anything is written, the config, MODEL.DEVICE, OUTPUT_DIR and the
-checkpoint to resume from (or MODEL.WEIGHTS for --eval-only) are checked; a problem ends the
-command with one line on stderr and exit status 2.
+checkpoint to start from (the one --resume continues, or MODEL.WEIGHTS) are checked; a problem
+ends the command with one line on stderr and exit status 2.
 """
 import logging
 import os
