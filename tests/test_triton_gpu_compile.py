@@ -48,12 +48,13 @@ COMPILE_SCRIPT = textwrap.dedent(
     variants = [("bf16", "fp32", False, True), ("fp16", "fp32", True, True), ("fp32", "fp32", False, False),
                 ("bf16", "fp32", True, False), ("fp64", "fp64", True, False)]
     for act, state, channels_last, early in variants:
-        blocks = dict(BLOCK_R=32, BLOCK_C=64) if channels_last else dict(BLOCK_R=1024, BLOCK_C=2)
+        blocks = dict(BLOCK_R=32, BLOCK_C=64, BLOCK_S=32) if channels_last else dict(BLOCK_R=1024, BLOCK_C=2, BLOCK_S=64)
         layout = dict(CHANNELS_LAST=channels_last, **blocks)
+        ring = dict(BLOCK_RING=16)
         sources += [
             source(mabn.forward_statistics_kernel, act, state,
-                   dict(USE_BATCH_STATISTICS=early, RENORMALIZE=not early, **layout)),
-            source(mabn.backward_statistics_kernel, act, state, dict(USE_BATCH_STATISTICS=early, **layout)),
+                   dict(USE_BATCH_STATISTICS=early, RENORMALIZE=not early, **layout, **ring)),
+            source(mabn.backward_statistics_kernel, act, state, dict(USE_BATCH_STATISTICS=early, **layout, **ring)),
             source(brn.forward_statistics_kernel, act, state, dict(LERP_FROM_END=not early, **layout)),
             source(brn.backward_statistics_kernel, act, state, layout),
             source(common.channel_affine_kernel, act, state,

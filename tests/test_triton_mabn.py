@@ -29,7 +29,10 @@ DETECTION_SHAPES = [
     (2, 64, 200, 336), (2, 256, 200, 336), (2, 512, 100, 168), (2, 1024, 50, 84),
     (2, 2048, 25, 42), (1024, 256, 7, 7), (100, 256, 14, 14),
 ]
-SMALL_TILES = triton_launch.LaunchTuning(reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2)
+# Several programs per channel block, several channel blocks, epilogue loops one row at a time.
+SMALL_TILES = triton_launch.LaunchTuning(
+    reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2, epilogue_rows=1
+)
 
 
 class SpecMABN:
@@ -326,6 +329,7 @@ def test_launch_plans_fit_a_gpu(shape, channels_last):
     assert plan.block_r * plan.block_c <= tuning.reduce_tile
     assert plan.channel_blocks * plan.block_c >= c > (plan.channel_blocks - 1) * plan.block_c
     assert 1 <= plan.num_splits <= min(plan.num_tiles, 65535)
+    assert plan.block_s & (plan.block_s - 1) == 0 and plan.block_s * plan.block_c <= tuning.reduce_tile
     assert plan.num_tiles * plan.block_r >= n * h * w, "tiles do not cover every row"
     assert plan.channel_blocks * plan.num_splits >= 132, "the reduction leaves SMs idle"
     elementwise = elementwise_plan(n, c, h * w, channels_last, tuning)

@@ -54,6 +54,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
             stats, c, h * w, count, plan.num_tiles, plan.num_splits,
             momentum, 1.0 - momentum, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
             LERP_FROM_END=momentum >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            BLOCK_S=plan.block_s,
         )
         y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
         ctx.save_for_backward(x, stats)
@@ -72,7 +73,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         kernels.backward_statistics_kernel[plan.grid](
             grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
             c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
-            CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
         )
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -34,7 +34,8 @@ def forward_statistics_kernel(
     C, HW, count, num_tiles, num_splits,
     momentum: tl.float64, one_minus_momentum: tl.float64, unbias: tl.float64, eps: tl.float64,
     r_low: tl.float64, r_high: tl.float64, d_max: tl.float64,
-    LERP_FROM_END: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    LERP_FROM_END: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Batch mean and variance per channel, then r, d, the running-statistics update and the
     output affine (stats: scale, shift, mean, 1/std, r, d). Grid (channel blocks, splits);
@@ -54,8 +55,8 @@ def forward_statistics_kernel(
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
         n = tl.full([], count, acc_dtype)
-        shifted_mean = exact_div(total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C), n)
-        mean_sq = exact_div(total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C), n)
+        shifted_mean = exact_div(total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S), n)
+        mean_sq = exact_div(total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S), n)
         mean = running_mean + shifted_mean
         var = tl.maximum(mean_sq - shifted_mean * shifted_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
         eps_ = tl.full([], eps, acc_dtype)
@@ -86,7 +87,7 @@ def forward_statistics_kernel(
 @triton.jit
 def backward_statistics_kernel(
     grad_ptr, x_ptr, stats_ptr, partials_ptr, counters_ptr, grads_ptr, C, HW, count, num_tiles, num_splits,
-    CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """sum(dy*(x - mean)) and sum(dy) per channel, then dweight, dbias and the coefficients of
     dx = dy*scale + x*coef + offset (BN's gradient with weight*r; r, d constants)."""
@@ -104,8 +105,8 @@ def backward_statistics_kernel(
     tl.store(partials_ptr + pid_split * C + c_offs, sum_dy_xc, mask=c_mask)
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_dy, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
-        total_dy_xc = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
-        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        total_dy_xc = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
         scale = tl.load(stats_ptr + 0 * C + c_offs, mask=c_mask, other=0.0)  # STATS_SCALE
         invstd = tl.load(stats_ptr + 3 * C + c_offs, mask=c_mask, other=0.0)  # STATS_INVSTD
         r = tl.load(stats_ptr + 4 * C + c_offs, mask=c_mask, other=1.0)  # STATS_R

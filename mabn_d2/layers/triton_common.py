@@ -109,13 +109,18 @@ def arrive_last(counters_ptr, pid_c, num_splits):
 
 
 @triton.jit
-def total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of the per-program partials [num_splits, C], in program order (deterministic)."""
-    total = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    for split in range(num_splits):
+def total_of_partials(
+    partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """Column sums of the per-program partials [num_splits, C], BLOCK_S rows per load (many
+    loads in flight, not one per program), in a fixed order (deterministic)."""
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_dtype)
+    for start in range(0, num_splits, BLOCK_S):
+        split = start + tl.arange(0, BLOCK_S)
+        mask = (split < num_splits)[:, None] & c_mask[None, :]
         # .cg reads through L2, where the other programs' stores landed.
-        total += tl.load(partials_ptr + split * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
-    return total
+        total += tl.load(partials_ptr + split[:, None] * C + c_offs[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.sum(total, axis=0)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan",
+    "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
     "launch_channel_affine", "plan_reduction_for", "matching_layout",
 ]
@@ -29,10 +29,11 @@ class LaunchTuning:
     elementwise_tile: int = 2048
     programs_per_sm: int = 8
     max_channel_block: int = 64  # channels per program in channels_last reductions
+    epilogue_rows: int = 256  # most partial-sum or ring-buffer rows an epilogue loads at once
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("reduce_tile", "elementwise_tile", "max_channel_block", "num_warps"):
+        for name in ("reduce_tile", "elementwise_tile", "max_channel_block", "epilogue_rows", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"LaunchTuning.{name} must be a power of two (Triton block shapes), got {value}")
@@ -48,6 +49,7 @@ class ReductionPlan:
     channel_blocks: int
     num_tiles: int  # tiles per channel block
     num_splits: int  # programs per channel block
+    block_s: int  # partial-sum rows per load in the epilogue
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -88,7 +90,18 @@ def reduction_plan(n: int, c: int, hw: int, channels_last: bool, sms: int, tunin
     channel_blocks = _cdiv(c, block_c)
     wanted = _cdiv(tuning.programs_per_sm * sms, channel_blocks)
     num_splits = max(1, min(wanted, num_tiles, MAX_GRID_Y))
-    return ReductionPlan(block_r, block_c, channel_blocks, num_tiles, num_splits)
+    block_s = max(1, min(_next_power_of_2(num_splits), tuning.epilogue_rows, tuning.reduce_tile // block_c))
+    return ReductionPlan(block_r, block_c, channel_blocks, num_tiles, num_splits, block_s)
+
+
+def ring_block(buffer_size: int, block_c: int) -> int:
+    """Ring-buffer rows per load when an epilogue averages a [buffer_size, C] buffer."""
+    return _ring_block(buffer_size, block_c, TUNING)
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_block(buffer_size: int, block_c: int, tuning: LaunchTuning) -> int:
+    return max(1, min(_next_power_of_2(buffer_size), tuning.epilogue_rows, tuning.reduce_tile // block_c))
 
 
 @functools.lru_cache(maxsize=512)

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from .functional import MABNPhase
 from .triton_launch import (
-    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for,
+    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, ring_block,
     unsupported_input_reason,
 )
 
@@ -59,7 +59,8 @@ class TritonMABNFunction(torch.autograd.Function):
             c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
             momentum, 1.0 - momentum, eps, 1.0 / renorm_clip, renorm_clip,
             CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-            RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+            BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),
         )
         y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias)
         ctx.save_for_backward(x, weight, stats)
@@ -84,7 +85,8 @@ class TritonMABNFunction(torch.autograd.Function):
             grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
             c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
             CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+            BLOCK_RING=ring_block(gz_buffer.shape[0], plan.block_c),
         )
         grad_x = None
         if ctx.needs_input_grad[0]:

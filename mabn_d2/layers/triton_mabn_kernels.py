@@ -22,7 +22,8 @@ GRADS_WEIGHT, GRADS_BIAS, GRADS_X_COEF, GRADS_ROWS = 0, 1, 2, 3
 
 @triton.jit
 def _ring_buffer_statistic(
-    buffer_ptr, batch_value, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS: tl.constexpr
+    buffer_ptr, batch_value, c_offs, c_mask, slot, buffer_size, C,
+    USE_BATCH_STATISTICS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """Writes the batch statistic into ring-buffer row `slot` (non-finite entries keep the
     old value) and returns the statistic in use: the batch value early, the buffer mean later."""
@@ -31,11 +32,14 @@ def _ring_buffer_statistic(
     tl.store(row_ptr, kept, mask=c_mask)
     statistic = batch_value
     if not USE_BATCH_STATISTICS:
-        total = tl.zeros_like(batch_value)
-        for row in range(buffer_size):
-            stored = tl.load(buffer_ptr + row * C + c_offs, mask=c_mask, other=0.0)
-            total += tl.where(row == slot, kept, stored)
-        statistic = exact_div(total, tl.full([], buffer_size, batch_value.dtype))
+        total = tl.zeros([BLOCK_RING, BLOCK_C], dtype=batch_value.dtype)
+        for start in range(0, buffer_size, BLOCK_RING):
+            row = start + tl.arange(0, BLOCK_RING)
+            mask = (row < buffer_size)[:, None] & c_mask[None, :]
+            stored = tl.load(buffer_ptr + row[:, None] * C + c_offs[None, :], mask=mask, other=0.0)
+            # Row `slot` as just written by this program (another thread may hold it).
+            total += tl.where((row == slot)[:, None], kept[None, :], stored)
+        statistic = exact_div(tl.sum(total, axis=0), tl.full([], buffer_size, batch_value.dtype))
     return statistic
 
 
@@ -46,7 +50,7 @@ def forward_statistics_kernel(
     momentum: tl.float64, one_minus_momentum: tl.float64, eps: tl.float64,
     clip_low: tl.float64, clip_high: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr, RENORMALIZE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """chi2_B = mean(x^2) per channel, then MABN's forward statistics in the epilogue.
 
@@ -64,10 +68,10 @@ def forward_statistics_kernel(
     )
     tl.store(partials_ptr + pid_split * C + c_offs, sum_sq, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
-        total = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        total = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
         chi2_batch = exact_div(total, tl.full([], count, acc_dtype))
         chi2 = _ring_buffer_statistic(
-            x2_buffer_ptr, chi2_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS
+            x2_buffer_ptr, chi2_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS, BLOCK_C, BLOCK_RING,
         )
         eps_ = tl.full([], eps, acc_dtype)
         std = exact_sqrt(chi2 + eps_)
@@ -92,7 +96,7 @@ def backward_statistics_kernel(
     grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, partials_ptr, counters_ptr, grads_ptr,
     C, HW, count, num_tiles, num_splits, slot, buffer_size, eps: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """sum(dy*x) and sum(dy) per channel, then Psi_B, its ring buffer and SMA in the epilogue.
 
@@ -113,8 +117,8 @@ def backward_statistics_kernel(
     tl.store(partials_ptr + pid_split * C + c_offs, sum_dy_x, mask=c_mask)
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_dy, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
-        total_dy_x = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
-        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C)
+        total_dy_x = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
         invstd = tl.load(stats_ptr + 1 * C + c_offs, mask=c_mask, other=0.0)  # STATS_INVSTD
         r = tl.load(stats_ptr + 2 * C + c_offs, mask=c_mask, other=1.0)  # STATS_R
         chi2 = tl.load(stats_ptr + 3 * C + c_offs, mask=c_mask, other=1.0)  # STATS_CHI2
@@ -122,7 +126,7 @@ def backward_statistics_kernel(
         sum_dy_z = total_dy_x * invstd
         psi_batch = exact_div(weight * r * sum_dy_z, tl.full([], count, acc_dtype))
         psi = _ring_buffer_statistic(
-            gz_buffer_ptr, psi_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS
+            gz_buffer_ptr, psi_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS, BLOCK_C, BLOCK_RING,
         )
         coefficient = -exact_div(psi, chi2 + tl.full([], eps, acc_dtype))
         tl.store(grads_ptr + 0 * C + c_offs, sum_dy_z * r, mask=c_mask)  # GRADS_WEIGHT
