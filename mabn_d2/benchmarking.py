@@ -9,11 +9,11 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["interleaved_medians", "saved_tensor_bytes", "markdown_table", "synchronize"]
+__all__ = ["interleaved_medians", "timed_call", "saved_tensor_bytes", "markdown_table", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -23,17 +23,36 @@ def interleaved_medians(
     warmup: int = 1,
     device: torch.device = torch.device("cpu"),
 ) -> Dict[str, float]:
-    """Median wall time (seconds) of each candidate, timed round-robin."""
+    """Median time (seconds) of each candidate, timed round-robin.
+
+    On CUDA a call is timed with CUDA events recorded around it on the current stream (what
+    the GPU spent, idle gaps waiting for launches included); elsewhere with the wall clock.
+    Either way every call starts with the device idle.
+    """
+    device = torch.device(device)
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
     for round_index in range(warmup + repeats):
         for name, fn in candidates.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
+            seconds = timed_call(fn, device)
             if round_index >= warmup:
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(seconds)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes on `device` (CUDA events on CUDA, else the wall clock)."""
+    device = torch.device(device)
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_time = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_time
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:

@@ -63,8 +63,8 @@ def _trained_looking_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def build_variants(config_file: str = CONFIG) -> Dict[str, nn.Module]:
-    """The five variants, all eval mode, in table order.
+def build_variants(config_file: str = CONFIG, device: str = "cpu") -> Dict[str, nn.Module]:
+    """The five variants, all eval mode, in table order, on `device` (built and folded on the CPU).
 
     The stock FrozenBN model holds the frozen fold's weights: a FrozenBN model at its initial
     identity statistics produces degenerate RPN boxes and so less work than a trained one.
@@ -74,13 +74,14 @@ def build_variants(config_file: str = CONFIG) -> Dict[str, nn.Module]:
     frozen = fold_mabn(mabn, "frozen")[0]
     stock = build_model(model_cfg("FrozenBN", config_file)).eval()
     stock.load_state_dict(frozen.state_dict())
-    return {
+    variants = {
         BASELINE: stock,
         "MABN folded (frozen)": frozen,
         "MABN folded (fused)": fold_mabn(mabn, "fused")[0],
         "MABN unfolded (eval)": mabn,
         "GN": build_model(model_cfg("GN", config_file)).eval(),
     }
+    return {name: model.to(device) for name, model in variants.items()}
 
 
 def fixed_work_inference(model: nn.Module, inputs: List[dict], detections: int) -> Callable[[], int]:
@@ -100,7 +101,7 @@ def fixed_work_inference(model: nn.Module, inputs: List[dict], detections: int) 
                 Instances(
                     p.image_size,
                     pred_boxes=p.proposal_boxes[:detections],
-                    pred_classes=torch.zeros(min(detections, len(p)), dtype=torch.long),
+                    pred_classes=torch.zeros(min(detections, len(p)), dtype=torch.long, device=p.proposal_boxes.device),
                 )
                 for p in proposals
             ]
@@ -111,20 +112,20 @@ def fixed_work_inference(model: nn.Module, inputs: List[dict], detections: int) 
 
 
 def benchmark(
-    variants: Dict[str, nn.Module], sizes: Sequence, repeats: int, detections: int, seed: int = 0
+    variants: Dict[str, nn.Module], sizes: Sequence, repeats: int, detections: int, seed: int = 0, device: str = "cpu"
 ) -> Dict[tuple, Dict[str, float]]:
     """{size: {variant: median seconds per image}}."""
     generator = torch.Generator().manual_seed(seed)
     results = {}
     for size in sizes:
-        inputs = [{"image": torch.rand(3, *size, generator=generator) * 255}]
+        inputs = [{"image": (torch.rand(3, *size, generator=generator) * 255).to(device)}]
         calls = {name: fixed_work_inference(model, inputs, detections) for name, model in variants.items()}
         proposals = {name: call() for name, call in calls.items()}
         if len(set(proposals.values())) != 1:
             raise RuntimeError(f"variants got different numbers of proposals at {size}: {proposals}")
         print(f"{size[0]}x{size[1]}: {next(iter(proposals.values()))} proposals, {detections} detections",
               file=sys.stderr, flush=True)
-        results[tuple(size)] = interleaved_medians(calls, repeats, warmup=1)
+        results[tuple(size)] = interleaved_medians(calls, repeats, warmup=1, device=torch.device(device))
     return results
 
 
@@ -148,13 +149,17 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument("--quick", action="store_true", help="480x640 only, 2 rounds (smoke test)")
     parser.add_argument("--detections", type=int, default=100, help="boxes given to the mask head per image")
     parser.add_argument("--config-file", default=CONFIG, help="architecture; NORM keys are set per variant")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA times are CUDA-event medians)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else SIZES
     repeats = 2 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {repeats} rounds", file=sys.stderr)
-    report = table(benchmark(build_variants(args.config_file), sizes, repeats, args.detections))
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads, CPU"
+    print(f"torch {torch.__version__}, {where}, {repeats} rounds", file=sys.stderr)
+    variants = build_variants(args.config_file, args.device)
+    report = table(benchmark(variants, sizes, repeats, args.detections, device=args.device))
     print(report)
     return report
 

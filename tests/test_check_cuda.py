@@ -1,0 +1,189 @@
+"""tools/check_cuda.py: every part that runs without a GPU, run on the CPU.
+
+Correctness, host-sync, autocast and timing checks take a device; here they run on "cpu" and
+must pass, and they must fail when the layer math or its host behaviour is broken. Without a
+CUDA GPU the script exits non-zero with a one-line message and imports no detectron2 first.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import REPO_ROOT
+
+SCRIPT = os.path.join(REPO_ROOT, "tools", "check_cuda.py")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def check_cuda():
+    spec = importlib.util.spec_from_file_location("check_cuda", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.import_project()
+    return module
+
+
+def _statuses(rows):
+    return {(row.section, row.case): row.status for row in rows}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_correctness_checks_pass_on_the_cpu(check_cuda, dtype):
+    rows = [check_cuda.check_mabn_against_spec(
+        CPU, dtype, check_cuda.SHORT_PHASES, check_cuda.SHORT_ITERATIONS, check_cuda.SHORT_JUMP, channels_last)
+        for channels_last in (False, True)]
+    rows += [check_cuda.check_layer_against_cpu(CPU, dtype, name, factory, check_cuda.SHORT_ITERATIONS)
+             for name, factory in check_cuda.short_phase_layers().items()]
+    assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
+
+
+def test_correctness_check_fails_when_the_math_is_wrong(check_cuda, monkeypatch):
+    import mabn_d2.layers.functional as functional
+
+    original = functional.channel_normalize
+
+    def off_by_a_little(x, var, scale, shift, eps, mean=None):
+        return original(x, var, scale * 1.001, shift, eps, mean)
+
+    monkeypatch.setattr(functional, "channel_normalize", off_by_a_little)
+    row = check_cuda.check_mabn_against_spec(
+        CPU, torch.float32, check_cuda.SHORT_PHASES, check_cuda.SHORT_ITERATIONS, check_cuda.SHORT_JUMP
+    )
+    assert row.status == "FAIL", row
+
+
+def test_correctness_check_requires_clipped_renormalization(check_cuda):
+    row = check_cuda.check_mabn_against_spec(CPU, torch.float64, check_cuda.DEFAULT_PHASES, 30, 20)
+    assert row.status == "FAIL" and "never clipped" in row.result
+
+
+def test_spec_matches_the_layer_test_reference(check_cuda):
+    """The script's vectorised spec and the per-channel reference of the layer tests agree."""
+    from .test_mabn_layer import CUSTOM, ReferenceMABN
+
+    spec, reference = check_cuda.SpecMABN(6, **CUSTOM), ReferenceMABN(6, **CUSTOM)
+    generator = torch.Generator().manual_seed(5)
+    gamma, beta = torch.linspace(-1, 1, 6, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64)
+    for t in range(1, 60):
+        x, dy = check_cuda.phase_inputs(t, generator, jump_at=40)
+        for got, want in zip(spec.step(x, dy, gamma, beta), reference.step(x, dy, gamma, beta)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert spec.clipped > 0
+
+
+def test_host_sync_checks_pass_on_the_cpu(check_cuda):
+    rows = check_cuda.host_sync_rows(CPU)
+    assert [row.status for row in rows] == ["ok"] * 4, check_cuda.markdown(rows)
+
+
+def test_host_sync_check_catches_a_host_read(check_cuda):
+    from mabn_d2.layers import MABN2d
+
+    class ReadsItsStatistics(MABN2d):
+        def forward(self, x):
+            if self.training and float(self.running_var.max()) > 1e6:
+                raise AssertionError("unreachable")
+            return super().forward(x)
+
+    row = check_cuda.check_no_host_sync(CPU, "reads", ReadsItsStatistics(6, **check_cuda.SHORT_PHASES), 3)
+    assert row.status == "FAIL" and "host read" in row.result
+
+
+def test_autocast_checks_pass_on_the_cpu(check_cuda):
+    rows = check_cuda.autocast_rows(CPU)
+    assert len(rows) == 8
+    assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
+
+
+def test_autocast_check_catches_reduced_precision_state(check_cuda):
+    from mabn_d2.layers import MABN2d
+
+    row = check_cuda.check_autocast(CPU, torch.bfloat16, "bf16 state", MABN2d(6, **check_cuda.SHORT_PHASES).bfloat16(), 3)
+    assert row.status == "FAIL", row
+
+
+def test_layer_timing_rows(check_cuda):
+    rows = check_cuda.layer_time_rows(CPU, shapes=[(2, 64, 6, 8)], repeats=1)
+    assert [row.case for row in rows[:5]] == [f"2x64x6x8 {n}" for n in ("MABN2d", "BatchNorm2d", "GroupNorm", "FrozenBN", "BatchRenorm2d")]
+    assert "1.00x BN" in rows[1].result and "median over shapes" in rows[-1].case
+
+
+def test_a_failing_check_becomes_a_row(check_cuda):
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
+
+    row = check_cuda._guarded("correctness", "case", broken)
+    assert row.status == "FAIL" and row.result == "RuntimeError: CUDA error: an illegal memory access"
+    table = check_cuda.markdown([row])
+    assert table.count("\n") == 2 and "| FAIL |" in table
+
+
+def test_each_section_runs_once_per_backend_and_says_which(check_cuda, monkeypatch):
+    from mabn_d2.layers.backend import selected_backend
+
+    def rows_under_the_backend(section):
+        return lambda *args, **kwargs: [check_cuda.Row(section, f"seen {selected_backend()}", "", "", "ok")]
+
+    for name, section in (("correctness_rows", "correctness"), ("host_sync_rows", "no host sync"),
+                          ("autocast_rows", "autocast"), ("layer_time_rows", "layer time"), ("maskrcnn_rows", "Mask R-CNN step")):
+        monkeypatch.setattr(check_cuda, name, rows_under_the_backend(section))
+
+    def failing(*args, **kwargs):
+        raise ValueError("no kernels for this\nsecond line")
+
+    monkeypatch.setattr(check_cuda, "autocast_rows", failing)
+    rows = check_cuda.run_checks(CPU, backends=("torch", "auto"))
+    assert [row.case for row in rows if row.section == "correctness"] == ["[torch] seen torch", "[auto] seen auto"]
+    assert [row.case for row in rows if row.section == "Mask R-CNN step"] == ["[torch] seen torch", "[auto] seen auto"]
+    failed = [row for row in rows if row.section == "autocast"]
+    assert [(row.case, row.status, row.result) for row in failed] == [
+        ("[torch] all cases", "FAIL", "ValueError: no kernels for this"), ("[auto] all cases", "FAIL", "ValueError: no kernels for this")]
+    assert check_cuda.available_backends()[0] == "torch"
+
+
+@pytest.mark.slow
+def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda):
+    rows = check_cuda.run_checks(CPU, repeats=1, model_repeats=1, height=64, width=96, shapes=[(2, 64, 6, 8)])
+    assert not [row for row in rows if row.status == "FAIL"], check_cuda.markdown(rows)
+    sections = [row.section for row in rows]
+    assert [sections.count(s) for s in ("correctness", "no host sync", "autocast", "layer time")] == [11, 4, 8, 6]
+    assert sum("1100 it." in row.case for row in rows) == 2  # the default warm-ups, re-normalization included
+    steps = [row for row in rows if row.section == "Mask R-CNN step"]
+    assert [row.case.split(",")[0] for row in steps] == ["[torch] MABN", "[torch] BN", "[torch] GN", "[torch] BRN"]
+    assert "1.00x BN" in steps[1].result
+
+
+def _run_script(code_before: str = ""):
+    """Run the script in a fresh interpreter after `code_before` (CUDA hidden)."""
+    program = code_before + f"\nimport runpy, sys\nsys.argv = ['check_cuda.py']\nrunpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_without_cuda_the_script_says_so_in_one_line_and_exits_non_zero():
+    blocked = "import sys\nsys.modules['detectron2'] = None  # the check must not need it to say this"
+    for code in ("", blocked):
+        result = _run_script(code)
+        assert result.returncode == 2
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no CUDA GPU" in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_without_detectron2_the_script_says_so_in_one_line():
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.device_count = lambda: 1\n"
+        "sys.modules['detectron2'] = None\n"
+    )
+    result = _run_script(code)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "detectron2" in lines[0] and "PYTHONPATH" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
