@@ -157,9 +157,10 @@ def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda):
     assert "1.00x BN" in steps[1].result
 
 
-def _run_script(code_before: str = ""):
+def _run_script(code_before: str = "", args=()):
     """Run the script in a fresh interpreter after `code_before` (CUDA hidden)."""
-    program = code_before + f"\nimport runpy, sys\nsys.argv = ['check_cuda.py']\nrunpy.run_path({SCRIPT!r}, run_name='__main__')\n"
+    argv = ["check_cuda.py", *args]
+    program = code_before + f"\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({SCRIPT!r}, run_name='__main__')\n"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
 
@@ -173,6 +174,13 @@ def test_without_cuda_the_script_says_so_in_one_line_and_exits_non_zero():
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "no CUDA GPU" in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("device,needle", [("cpu", "must be a CUDA device"), ("gpu0", "not a device name")])
+def test_a_device_that_is_not_cuda_is_refused_in_one_line(device, needle):
+    result = _run_script(args=("--device", device))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert needle in result.stderr and "Traceback" not in result.stderr
 
 
 def test_without_detectron2_the_script_says_so_in_one_line():

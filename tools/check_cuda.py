@@ -61,7 +61,11 @@ class Row:
 
 # --------------------------------------------------------------------------- environment
 def cuda_device(name: str) -> torch.device:
-    device = torch.device(name)
+    """The CUDA device `name` names, or Unavailable saying why it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Unavailable(f"--device {name!r} is not a device name (expected cuda or cuda:N)") from None
     if device.type != "cuda":
         raise Unavailable(f"--device must be a CUDA device, got {name!r}")
     if not torch.cuda.is_available():
