@@ -35,7 +35,7 @@ class MABNPhase:
 def mabn_phase(
     iteration: int, buffer_size: int, warmup_iters: int, renorm_warmup_iters: int
 ) -> MABNPhase:
-    """The phase of 1-based training iteration `iteration` (see docs: the algorithm spec)."""
+    """The phase of 1-based training iteration `iteration` (see docs/algorithm.md)."""
     if iteration < 1:
         raise ValueError(f"iteration must be >= 1, got {iteration}")
     return MABNPhase(
