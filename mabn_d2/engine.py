@@ -1,6 +1,7 @@
 """The trainer: detectron2's DefaultTrainer with what MABN training needs on top.
 
-- COCOEvaluator for COCO-format datasets;
+- the evaluator by the dataset's evaluator_type (`mabn_d2.evaluation`), as detectron2's train_net;
+- DATALOADER.SAMPLER_TRAIN honoured (exact resume with the default TrainingSampler);
 - weight decay of MABN / BRN affine parameters follows SOLVER.WEIGHT_DECAY_NORM like BN's;
 - DDP works on CPU processes (gloo): no device_ids for CPU modules;
 - `--resume` continues exactly, on any number of processes: seeded, position-addressed data
@@ -16,16 +17,16 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
 from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
 from .data.stream import SeededStreamDataset, StreamPositionSampler
+from .evaluation import build_evaluator_for_dataset
 from .layers import BatchRenorm2d, MABN2d
 from .preflight import UsageError, check_device, check_norm_names, check_writable_dir
 from .rank_state import restore_rng_state
@@ -157,6 +158,14 @@ class MABNTrainer(DefaultTrainer):
         return result
 
     def build_train_loader(self, cfg: CfgNode):
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            # Repeat-factor and subset sampling are detectron2's own; the position-addressed
+            # stream that makes --resume exact exists only for plain TrainingSampler order.
+            logger.info(
+                "DATALOADER.SAMPLER_TRAIN=%s: detectron2's train loader; --resume continues the run but "
+                "does not replay the exact image order", cfg.DATALOADER.SAMPLER_TRAIN,
+            )
+            return build_detection_train_loader(cfg)
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -186,15 +195,8 @@ class MABNTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        metadata = MetadataCatalog.get(dataset_name)
-        if not hasattr(metadata, "json_file"):
-            raise NotImplementedError(
-                f"No evaluator for dataset {dataset_name!r}: MABNTrainer evaluates COCO-format datasets "
-                "(registered with a json_file); set DATASETS.TEST accordingly or subclass build_evaluator."
-            )
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        """By the dataset's evaluator_type, as detectron2's train_net does (COCO for a bare json_file)."""
+        return build_evaluator_for_dataset(cfg, dataset_name, output_folder)
 
 
 def _identity(sample):

@@ -11,7 +11,7 @@ import itertools
 import json
 import logging
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 import torch
 from torch import nn
