@@ -1,8 +1,10 @@
 """MABN2d: Moving Average Batch Normalization (Yan et al., ICLR 2020) as a thin module."""
 import torch
 
+from .backend import use_triton
 from .base import MovingAverageNorm
 from .functional import MABNFunction, mabn_inference
+from .triton_mabn import TritonMABNFunction, triton_mabn_unsupported_reason
 
 __all__ = ["MABN2d"]
 
@@ -36,9 +38,11 @@ class MABN2d(MovingAverageNorm):
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
             return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps)
-        return MABNFunction.apply(
-            x, self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer,
-            self._next_phase(), self.momentum, self.eps, self.renorm_clip,
+        # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
+        state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
+        triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d")
+        return (TritonMABNFunction if triton else MABNFunction).apply(
+            x, *state, self._next_phase(), self.momentum, self.eps, self.renorm_clip
         )
 
     def _load_from_state_dict(
