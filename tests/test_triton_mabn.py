@@ -378,3 +378,61 @@ def test_unsupported_inputs_are_named():
     assert "float64" in reason(torch.randn(2, 3, 4, 4, dtype=torch.float64), *args)
     assert "contiguous" in reason(torch.randn(2, 3, 4, 8)[..., ::2], *args)
     assert "empty" in reason(torch.randn(0, 3, 4, 4), *args)
+
+
+class _CountingTritonStep(TritonMABNFunction):
+    """TritonMABNFunction that counts its forwards (to see which path MABN2d took)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, *args):
+        _CountingTritonStep.calls += 1
+        return TritonMABNFunction.forward(ctx, *args)
+
+
+def test_mabn2d_follows_the_switch_and_both_paths_agree(monkeypatch):
+    import mabn_d2.layers.mabn as mabn_module
+    from mabn_d2.layers import MABN2d
+
+    monkeypatch.setattr(mabn_module, "TritonMABNFunction", _CountingTritonStep)
+    _CountingTritonStep.calls = 0
+    layers = {backend: MABN2d(3, **PHASES, **HPARAMS) for backend in ("triton", "torch")}
+    for t in range(1, ITERATIONS + 1):
+        x, dy = batch(t, shape=(2, 4, 5), seed=3)
+        if t % 2:
+            x, dy = as_layout(x, True), as_layout(dy, True)
+        results = {}
+        for backend, layer in layers.items():
+            empty = torch.randn(0, 3, 4, 5, requires_grad=True)
+            with backend_module.use_backend(backend):
+                before = copy.deepcopy(layer.state_dict())
+                layer(empty).sum().backward()  # an empty batch: eval form, state untouched
+                for key, value in layer.state_dict().items():
+                    assert torch.equal(value, before[key]), f"an empty batch changed {key}"
+                xb = x.clone().requires_grad_()
+                y = layer(xb)
+                results[backend] = (y, *torch.autograd.grad(y, (xb, layer.weight, layer.bias), dy))
+        for name, a, b in zip(("y", "dx", "dweight", "dbias"), results["triton"], results["torch"]):
+            assert_close(a, b, FLOAT32, f"{name} at iteration {t}")
+    for name in ("running_var", "x2_buffer", "gz_buffer", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layers["triton"], name), getattr(layers["torch"], name), rtol=2e-5, atol=2e-6)
+    assert _CountingTritonStep.calls == ITERATIONS, "the triton backend did not run every training step on Triton"
+    with backend_module.use_backend("auto"):
+        layers["triton"](batch(1)[0])  # CPU tensors: auto takes the public operations
+        layers["triton"].eval()
+        layers["triton"](batch(1)[0])
+    assert _CountingTritonStep.calls == ITERATIONS
+
+
+def test_forced_triton_refuses_a_layout_it_cannot_read_before_touching_the_state():
+    from mabn_d2.layers import MABN2d
+
+    layer = MABN2d(3, **PHASES)
+    strided = torch.randn(2, 3, 4, 10)[..., ::2]
+    with backend_module.use_backend("triton"), pytest.raises(RuntimeError, match="neither contiguous"):
+        layer(strided)
+    assert layer.iteration == 0 and int(layer.num_batches_tracked) == 0
+    with backend_module.use_backend("auto"):
+        layer(strided)  # public operations on the CPU
+    assert layer.iteration == 1
