@@ -112,6 +112,20 @@ def test_layer_timing_rows(check_cuda):
     assert "1.00x BN" in rows[1].result and "median over shapes" in rows[-1].case
 
 
+def test_speed_targets_are_judged_for_the_triton_step_on_cuda_only(check_cuda):
+    from mabn_d2.layers.backend import use_backend
+
+    rows = check_cuda.layer_time_rows(CPU, shapes=[(2, 64, 6, 8)], repeats=1)
+    assert [row.case for row in rows[-2:]] == ["BatchRenorm2d, median over shapes", "MABN2d, median over shapes"]
+    assert all(row.status == "info" and "1.2x BN" in rows[-1].limit for row in rows[-2:])
+    cuda = torch.device("cuda")
+    with use_backend("auto"):
+        assert check_cuda._speed_row("layer time", "c", "r", {"fast": True}, cuda).status == "ok"
+        assert check_cuda._speed_row("layer time", "c", "r", {"fast": True, "slow": False}, cuda).status == "FAIL"
+    with use_backend("torch"):
+        assert check_cuda._speed_row("layer time", "c", "r", {"slow": False}, cuda).status == "info"
+
+
 def test_a_failing_check_becomes_a_row(check_cuda):
     def broken():
         raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
@@ -150,7 +164,7 @@ def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda):
     rows = check_cuda.run_checks(CPU, repeats=1, model_repeats=1, height=64, width=96, shapes=[(2, 64, 6, 8)])
     assert not [row for row in rows if row.status == "FAIL"], check_cuda.markdown(rows)
     sections = [row.section for row in rows]
-    assert [sections.count(s) for s in ("correctness", "no host sync", "autocast", "layer time")] == [11, 4, 8, 6]
+    assert [sections.count(s) for s in ("correctness", "no host sync", "autocast", "layer time")] == [11, 4, 8, 7]
     assert sum("1100 it." in row.case for row in rows) == 2  # the default warm-ups, re-normalization included
     steps = [row for row in rows if row.section == "Mask R-CNN step"]
     assert [row.case.split(",")[0] for row in steps] == ["[torch] MABN", "[torch] BN", "[torch] GN", "[torch] BRN"]

@@ -13,6 +13,9 @@
    BatchNorm2d, GroupNorm, FrozenBN and BatchRenorm2d at the R50-FPN and ROI-head shapes
    (CUDA events, medians);
 5. the Mask R-CNN R50-FPN training step at 2 images of 800x1216 for MABN, BN, GN and BRN.
+The medians of 4 and MABN's ratio in 5 are judged against the Triton step's targets
+(SPEED_TARGETS: MABN2d train <= 1.2x BN, eval <= 1.05x FrozenBN, BatchRenorm2d <= 1.5x BN,
+Mask R-CNN step <= 1.10x BN) for the backends that use Triton; "torch" rows report them only.
 
 Each check runs once per training-step backend (MABN_D2_BACKEND): "torch", the public PyTorch
 operations, always; "auto" (Triton kernels where they apply) too when Triton is installed.
@@ -43,6 +46,9 @@ SHORT_ITERATIONS, SHORT_JUMP = 40, 25
 DEFAULT_PHASES = dict(buffer_size=16, momentum=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
 DEFAULT_ITERATIONS, DEFAULT_JUMP = 1100, 1050
 LIMITS = {torch.float64: 1e-9, torch.float32: 1e-4}
+# Speed targets of the Triton training step on a CUDA GPU (ratios of medians); the public-operation
+# path ("torch" backend) is reported against them without a verdict.
+SPEED_TARGETS = {"MABN2d train": 1.2, "MABN2d eval": 1.05, "BatchRenorm2d train": 1.5, "MABN model step": 1.10}
 INPUT_SHAPE = (2, 6, 5, 7)
 
 
@@ -395,7 +401,7 @@ def layer_time_rows(
     for baseline in ("MABN2d", "BatchNorm2d", "FrozenBN"):
         if baseline not in norms:
             norms.append(baseline)
-    rows, train_ratios, eval_ratios = [], [], []
+    rows, train_ratios, eval_ratios, brn_ratios = [], [], [], []
     for shape in shapes or DETECTION_SHAPES:
         label = "x".join(map(str, shape))
         result = benchmark_shape(shape, norms, repeats, device)
@@ -406,9 +412,29 @@ def layer_time_rows(
                             f"train {t * 1e3:.3f} ms = {t / bn:.2f}x BN; eval {e * 1e3:.3f} ms = {e / frozen:.2f}x FrozenBN"))
         train_ratios.append(result["train"]["MABN2d"] / bn)
         eval_ratios.append(result["eval"]["MABN2d"] / frozen)
-    rows.append(Row("layer time", "MABN2d, median over shapes",
-                    f"train {statistics.median(train_ratios):.2f}x BN; eval {statistics.median(eval_ratios):.2f}x FrozenBN"))
+        if "BatchRenorm2d" in norms:
+            brn_ratios.append(result["train"]["BatchRenorm2d"] / bn)
+    if brn_ratios:
+        brn = statistics.median(brn_ratios)
+        rows.append(_speed_row("layer time", "BatchRenorm2d, median over shapes", f"train {brn:.2f}x BN",
+                               {f"train <= {SPEED_TARGETS['BatchRenorm2d train']}x BN": brn <= SPEED_TARGETS["BatchRenorm2d train"]},
+                               device))
+    train, evaluation = statistics.median(train_ratios), statistics.median(eval_ratios)
+    rows.append(_speed_row("layer time", "MABN2d, median over shapes", f"train {train:.2f}x BN; eval {evaluation:.2f}x FrozenBN", {
+        f"train <= {SPEED_TARGETS['MABN2d train']}x BN": train <= SPEED_TARGETS["MABN2d train"],
+        f"eval <= {SPEED_TARGETS['MABN2d eval']}x FrozenBN": evaluation <= SPEED_TARGETS["MABN2d eval"],
+    }, device))
     return rows
+
+
+def _speed_row(section: str, case: str, result: str, targets: Dict[str, bool], device: torch.device) -> Row:
+    """A timing row with the fast path's targets as its limit, judged for the Triton step on CUDA only."""
+    from mabn_d2.layers.backend import selected_backend
+
+    limit = ", ".join(targets)
+    if torch.device(device).type != "cuda" or selected_backend() == "torch":
+        return Row(section, case, result, f"target (Triton on CUDA): {limit}", "info")
+    return Row(section, case, result, limit, "ok" if all(targets.values()) else "FAIL")
 
 
 def maskrcnn_rows(
@@ -425,7 +451,12 @@ def maskrcnn_rows(
         text = f"{result['seconds']:.3f} s" + (f" = {result['seconds'] / bn:.2f}x BN" if bn else "")
         if "peak_bytes" in result:
             text += f", peak {result['peak_bytes'] / 2**30:.1f} GiB"
-        rows.append(Row("Mask R-CNN step", f"{name}, 2 images of {height}x{width}, norm in backbone, FPN, heads", text))
+        case = f"{name}, 2 images of {height}x{width}, norm in backbone, FPN, heads"
+        if name == "MABN" and bn:
+            target = SPEED_TARGETS["MABN model step"]
+            rows.append(_speed_row("Mask R-CNN step", case, text, {f"<= {target}x BN": result["seconds"] / bn <= target}, device))
+        else:
+            rows.append(Row("Mask R-CNN step", case, text))
     return rows
 
 
