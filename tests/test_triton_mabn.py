@@ -7,7 +7,6 @@ kernels for a GPU.
 """
 import copy
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -132,7 +131,9 @@ def as_layout(t, channels_last):
 
 
 def assert_close(actual, expected, tolerance, what):
-    torch.testing.assert_close(actual.double(), expected.double(), **tolerance, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), **tolerance, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
 
 
 FLOAT64 = dict(rtol=1e-10, atol=1e-12)
@@ -292,7 +293,7 @@ def test_gradcheck_in_the_batch_statistics_phase():
     bias = torch.randn(2, dtype=torch.float64, generator=generator, requires_grad=True)
 
     def first_step(x, weight, bias):
-        state = [torch.ones(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)]
+        state = [torch.ones(2, dtype=torch.float64)] + [torch.zeros(2, 2, dtype=torch.float64) for _ in range(2)]
         return TritonMABNFunction.apply(x, weight, bias, *state, mabn_phase(1, 2, 3, 5), *HPARAMS.values())
 
     assert torch.autograd.gradcheck(first_step, (x, weight, bias), fast_mode=True)

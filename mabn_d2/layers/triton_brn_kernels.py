@@ -55,8 +55,10 @@ def forward_statistics_kernel(
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
         n = tl.full([], count, acc_dtype)
-        shifted_mean = exact_div(total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S), n)
-        mean_sq = exact_div(total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S), n)
+        total_sq = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        total = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        shifted_mean = exact_div(total, n)
+        mean_sq = exact_div(total_sq, n)
         mean = running_mean + shifted_mean
         var = tl.maximum(mean_sq - shifted_mean * shifted_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
         eps_ = tl.full([], eps, acc_dtype)
@@ -106,7 +108,9 @@ def backward_statistics_kernel(
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_dy, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
         total_dy_xc = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
-        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        total_dy = total_of_partials(
+            partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S
+        )
         scale = tl.load(stats_ptr + 0 * C + c_offs, mask=c_mask, other=0.0)  # STATS_SCALE
         invstd = tl.load(stats_ptr + 3 * C + c_offs, mask=c_mask, other=0.0)  # STATS_INVSTD
         r = tl.load(stats_ptr + 4 * C + c_offs, mask=c_mask, other=1.0)  # STATS_R

@@ -119,7 +119,8 @@ def total_of_partials(
         split = start + tl.arange(0, BLOCK_S)
         mask = (split < num_splits)[:, None] & c_mask[None, :]
         # .cg reads through L2, where the other programs' stores landed.
-        total += tl.load(partials_ptr + split[:, None] * C + c_offs[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        offs = split[:, None] * C + c_offs[None, :]
+        total += tl.load(partials_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return tl.sum(total, axis=0)
 
 

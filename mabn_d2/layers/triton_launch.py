@@ -154,7 +154,9 @@ def kernel_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__package__}.{name}")
 
 
-def unsupported_input_reason(x: torch.Tensor, state_dtype: torch.dtype, state: Sequence[Tuple[str, torch.Tensor]]) -> Optional[str]:
+def unsupported_input_reason(
+    x: torch.Tensor, state_dtype: torch.dtype, state: Sequence[Tuple[str, torch.Tensor]]
+) -> Optional[str]:
     """Why the kernels cannot take this activation and per-channel state, or None."""
     if x.dim() != 4:
         return f"expects a 4-D input, got {x.dim()}-D"

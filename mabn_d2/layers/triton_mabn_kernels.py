@@ -10,7 +10,9 @@ sum(dy) with the Psi epilogue (ring buffer and its SMA, weight and bias gradient
 import triton
 import triton.language as tl
 
-from .triton_common import arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials
+from .triton_common import (
+    arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials,
+)
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
 
@@ -118,7 +120,9 @@ def backward_statistics_kernel(
     tl.store(partials_ptr + second_half + pid_split * C + c_offs, sum_dy, mask=c_mask)
     if arrive_last(counters_ptr, pid_c, num_splits):
         total_dy_x = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
-        total_dy = total_of_partials(partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
+        total_dy = total_of_partials(
+            partials_ptr + second_half, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S
+        )
         invstd = tl.load(stats_ptr + 1 * C + c_offs, mask=c_mask, other=0.0)  # STATS_INVSTD
         r = tl.load(stats_ptr + 2 * C + c_offs, mask=c_mask, other=1.0)  # STATS_R
         chi2 = tl.load(stats_ptr + 3 * C + c_offs, mask=c_mask, other=1.0)  # STATS_CHI2
