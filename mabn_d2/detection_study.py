@@ -11,6 +11,7 @@ at those weights (`update_mabn_running_var`) and evaluates again, which separate
 train/eval mismatch from what the weights learned.
 """
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -24,7 +25,7 @@ from .precise_stats import evaluation_records
 
 __all__ = [
     "Variant", "VARIANTS", "DEMO_NORM_CONFIGS", "METRICS", "evaluation_curve", "final_metrics",
-    "run_detection_study", "results_table", "curves_table", "plot_curves",
+    "run_detection_study", "results_table", "curves_table", "plot_curves", "training_loss_table",
 ]
 
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
@@ -183,6 +184,36 @@ def curves_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], see
                  for it in iterations]
         rows.append([name, *cells])
     return markdown_table(["variant", *[f"it. {it}" for it in iterations]], rows)
+
+
+def training_loss_table(output_dir: str, variants: Sequence[str], seed: int = 0, windows: int = 4) -> str:
+    """Mean total_loss of each trained variant over equal windows of its schedule (one seed).
+
+    Shows whether a variant learns more slowly (higher training loss) or only evaluates worse.
+    """
+    rows, header = [], []
+    for name in variants:
+        if VARIANTS[name].reestimate:
+            continue
+        run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
+        max_iter = _max_iter(run_dir)
+        path = os.path.join(run_dir, "metrics.json")
+        if not max_iter or not os.path.exists(path):
+            continue
+        losses = []
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line) if line.strip() else {}
+                if "total_loss" in record:
+                    losses.append((int(record["iteration"]), float(record["total_loss"])))
+        edges = [round(max_iter * k / windows) for k in range(windows + 1)]
+        header = [f"it. {a}-{b}" for a, b in zip(edges, edges[1:])]
+        cells = []
+        for a, b in zip(edges, edges[1:]):
+            window = [loss for it, loss in losses if a <= it < b]
+            cells.append(f"{statistics.mean(window):.3f}" if window else "–")
+        rows.append([name, *cells])
+    return markdown_table(["variant", *header], rows)
 
 
 def plot_curves(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], path: str, seed: int = 0) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 
 from mabn_d2.detection_study import (
     METRICS, VARIANTS, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
-    run_detection_study,
+    run_detection_study, training_loss_table,
 )
 from mabn_d2.layers import MABN2d
 from mabn_d2.precise_stats import evaluation_records, update_mabn_running_var
@@ -169,3 +169,15 @@ def test_study_runs_variants_with_curves_then_skips_finished_runs(demo_datasets_
 
     monkeypatch.setattr(subprocess, "run", no_training)
     assert run_detection_study(str(tmp_path), variants, [0], opts, eval_period=2, repo_root=REPO_ROOT) == results
+
+
+def test_training_loss_table_averages_windows_of_the_schedule(tmp_path):
+    run = tmp_path / "BN_seed0"
+    run.mkdir()
+    (run / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 8\n")
+    records = [{"iteration": i, "total_loss": float(i)} for i in range(8)] + [{"iteration": 7, **_metrics(1.0)}]
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    table = training_loss_table(str(tmp_path), ["BN", "GN", "MABN_paper_warmups_reestimated"])
+    assert "| variant | it. 0-2 | it. 2-4 | it. 4-6 | it. 6-8 |" in table
+    assert "| BN | 0.500 | 2.500 | 4.500 | 6.500 |" in table
+    assert "GN" not in table and "reestimated" not in table  # no run / no training of its own

@@ -15,7 +15,9 @@ import os
 from typing import List, Optional
 
 from mabn_d2.atomic_io import atomic_write_text
-from mabn_d2.detection_study import VARIANTS, curves_table, plot_curves, results_table, run_detection_study
+from mabn_d2.detection_study import (
+    VARIANTS, curves_table, plot_curves, results_table, run_detection_study, training_loss_table,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> str:
     report = (
         "Final evaluation, mean ± sample std over seeds:\n\n" + results_table(results)
         + f"\n\nBox / mask AP at each evaluation (seed {args.seeds[0]}):\n\n" + curves_table(results, args.seeds[0])
+        + f"\n\nMean training loss (total_loss) over quarters of the schedule (seed {args.seeds[0]}):\n\n"
+        + training_loss_table(args.output_dir, args.variants, args.seeds[0])
     )
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.output_dir, "results.md"), report + "\n")
