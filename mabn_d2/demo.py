@@ -148,5 +148,8 @@ def format_summary(summary: Dict) -> str:
         f"folded model: {', '.join(summary['folded']['files'])}",
         f"verification: {summary['folded']['verified']}",
         f"export: {summary['folded']['exported']}",
+        "",
+        "On this short schedule MABN trails BN and GN (the same model with NORM BN / GN, the cause",
+        "measured, and how far results move between machines: docs/results.md, section 3).",
     ]
     return "\n".join(lines)
