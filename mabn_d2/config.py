@@ -154,21 +154,23 @@ def _max_iter(cfg: Any) -> Optional[int]:
     return None if solver is None or "MAX_ITER" not in solver else int(solver.MAX_ITER)
 
 
-def resolve_mabn_warmups(cfg: CN) -> Tuple[int, int]:
-    """(warmup_iters, renorm_warmup_iters) after applying the *_FRACTION keys to SOLVER.MAX_ITER."""
-    section = _section(cfg, "MABN")
-    defaults = _mabn_defaults()
-    resolved = {}
+def _resolve_warmups(cfg: CN, values: Dict[str, Any]) -> Tuple[int, int]:
+    """Apply the *_FRACTION entries of `values` (the section's keys, lower-cased) to SOLVER.MAX_ITER."""
+    resolved = []
     for fraction_key, iters_key in _MABN_FRACTION_KEYS.items():
-        iters = section.get(iters_key, defaults[iters_key]) if section is not None else defaults[iters_key]
-        fraction = section.get(fraction_key, -1.0) if section is not None else -1.0
+        iters, fraction = values[iters_key.lower()], values[fraction_key.lower()]
         if fraction != -1:
             max_iter = _max_iter(cfg)
             if max_iter is None:
                 raise ValueError(f"cfg.MODEL.MABN.{fraction_key} needs cfg.SOLVER.MAX_ITER to size the warm-up")
             iters = int(round(fraction * max_iter))
-        resolved[iters_key] = iters
-    return resolved["WARMUP_ITERS"], resolved["RENORM_WARMUP_ITERS"]
+        resolved.append(iters)
+    return resolved[0], resolved[1]
+
+
+def resolve_mabn_warmups(cfg: CN) -> Tuple[int, int]:
+    """(warmup_iters, renorm_warmup_iters) after applying the *_FRACTION keys to SOLVER.MAX_ITER."""
+    return _resolve_warmups(cfg, _kwargs_from_section(cfg, "MABN"))
 
 
 def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
@@ -177,8 +179,9 @@ def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
     The *_FRACTION keys are resolved against SOLVER.MAX_ITER into warmup_iters and
     renorm_warmup_iters; they are not layer arguments themselves.
     """
-    kwargs = {k: v for k, v in _kwargs_from_section(cfg, "MABN").items() if k.upper() not in _MABN_FRACTION_KEYS}
-    kwargs["warmup_iters"], kwargs["renorm_warmup_iters"] = resolve_mabn_warmups(cfg)
+    values = _kwargs_from_section(cfg, "MABN")
+    kwargs = {k: v for k, v in values.items() if k.upper() not in _MABN_FRACTION_KEYS}
+    kwargs["warmup_iters"], kwargs["renorm_warmup_iters"] = _resolve_warmups(cfg, values)
     return kwargs
 
 
@@ -200,7 +203,7 @@ def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
         f"MABN re-normalization starts after iteration {start}, {100.0 * min(start, max_iter) / max_iter:.0f}% of "
         f"SOLVER.MAX_ITER={max_iter} (more than {100 * LONG_RENORM_WARMUP_SHARE:.0f}%): until then training and "
         "evaluation normalize with different statistics. Size the warm-ups to the schedule with "
-        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION (e.g. 0.02 and 0.2)."
+        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION (e.g. 0.02 and 0.1)."
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .layers import MABN2d
+from .layers.channel_ops import channel_sum_of_squares
 
 __all__ = ["update_mabn_running_var", "reestimate_run_checkpoints"]
 
@@ -47,7 +48,7 @@ def update_mabn_running_var(model: nn.Module, data_loader: Iterable, num_iters: 
             x = inputs[0]
             if x.numel() == 0:
                 return
-            chi2 = x.detach().double().square().mean(dim=(0, 2, 3))
+            chi2 = channel_sum_of_squares(x.detach(), torch.float64) / (x.numel() // x.shape[1])
             ok = torch.isfinite(chi2)
             sums[name] = sums.get(name, torch.zeros_like(chi2)) + torch.where(ok, chi2, torch.zeros_like(chi2))
             finite[name] = finite.get(name, torch.zeros_like(chi2)) + ok.double()
