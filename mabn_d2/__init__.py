@@ -2,7 +2,7 @@
 `build_model` finish every model with `prepare_mabn_model` (call it on models built by hand)."""
 from .config import add_mabn_config
 from .layers import BatchRenorm2d, CenteredConv2d, MABN2d
-from .fold import FoldReport, fold_mabn
+from .deploy.fold import FoldReport, fold_mabn
 from .prepare import prepare_mabn_model
 from .registry import mabn_build_context, register_norms
 

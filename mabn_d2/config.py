@@ -1,12 +1,20 @@
 """Config keys of the MABN and Batch Renorm norms (cfg.MODEL.MABN, cfg.MODEL.BRN) and their checks.
 
+The keys, defaults and checks derive from the layers' table (`mabn_d2.layers.hyperparams`):
+each layer argument is a key, upper-cased. On top of it, cfg.MODEL.MABN has two keys that size
+the warm-ups as fractions of SOLVER.MAX_ITER, and both sections keep the old MOMENTUM key
+loading (deprecated) for configs written before the EMA rates got distinct names.
+
 detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
 through `mabn_d2.registry` (which reads them while `build_model` runs).
 """
 import math
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from detectron2.config import CfgNode as CN
+
+from .layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS, Hyperparameter
 
 __all__ = [
     "add_mabn_config",
@@ -22,97 +30,58 @@ __all__ = [
 LONG_RENORM_WARMUP_SHARE = 0.1
 
 
-def _mabn_defaults() -> CN:
-    node = CN()
-    # Iterations averaged by the simple moving averages of chi2_B and Psi_B (the ring-buffer length m).
-    node.BUFFER_SIZE = 16
-    # Decay of the running_var EMA used at inference and for re-normalization (0.98 keeps 98% of the old value).
-    node.MOMENTUM = 0.98
-    # Iterations that use the batch statistics themselves before switching to the moving averages.
-    node.WARMUP_ITERS = 100
-    # Iterations before the re-normalization factor r (clipped ratio to running_var) is applied.
-    node.RENORM_WARMUP_ITERS = 1000
-    # In [0, 1]: WARMUP_ITERS becomes round(WARMUP_FRACTION * SOLVER.MAX_ITER); -1: WARMUP_ITERS applies.
-    node.WARMUP_FRACTION = -1.0
-    # In [0, 1]: RENORM_WARMUP_ITERS becomes round(RENORM_WARMUP_FRACTION * SOLVER.MAX_ITER); -1: off.
-    node.RENORM_WARMUP_FRACTION = -1.0
-    # r is clipped to [1 / RENORM_CLIP, RENORM_CLIP].
-    node.RENORM_CLIP = 5.0
-    # Added to the second moment before the square root.
-    node.EPS = 1e-5
-    return node
+def _fraction_or_off(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value == -1 or 0.0 <= value <= 1.0)
 
 
-def _brn_defaults() -> CN:
-    node = CN()
-    # Added to the variance before the square root.
-    node.EPS = 1e-5
-    # Weight of the new batch statistic in the running averages (torch's BatchNorm convention).
-    node.MOMENTUM = 0.01
-    # Final clip of the std correction r to [1 / R_MAX, R_MAX].
-    node.R_MAX = 3.0
-    # Final clip of the mean correction d to [-D_MAX, D_MAX].
-    node.D_MAX = 5.0
-    # Iterations of plain BN (r = 1, d = 0) before the limits start to ramp up.
-    node.WARMUP_ITERS = 5000
-    # Iterations over which the r limit ramps linearly from 1 to R_MAX.
-    node.R_MAX_RAMP_ITERS = 35000
-    # Iterations over which the d limit ramps linearly from 0 to D_MAX.
-    node.D_MAX_RAMP_ITERS = 20000
-    return node
+# Keys that exist only in the config: they size the warm-ups from the schedule and resolve into
+# WARMUP_ITERS / RENORM_WARMUP_ITERS. -1 leaves the absolute key in charge.
+_MABN_FRACTIONS: Tuple[Hyperparameter, ...] = (
+    Hyperparameter("warmup_fraction", -1.0, _fraction_or_off, "must be -1 (off) or in [0, 1]",
+                   "WARMUP_ITERS becomes round(WARMUP_FRACTION * SOLVER.MAX_ITER)"),
+    Hyperparameter("renorm_warmup_fraction", -1.0, _fraction_or_off, "must be -1 (off) or in [0, 1]",
+                   "RENORM_WARMUP_ITERS becomes round(RENORM_WARMUP_FRACTION * SOLVER.MAX_ITER)"),
+)
+_MABN_FRACTION_KEYS = {"WARMUP_FRACTION": "WARMUP_ITERS", "RENORM_WARMUP_FRACTION": "RENORM_WARMUP_ITERS"}
+# Deprecated key -> its new name, per section. "MOMENTUM" meant opposite things in the two sections.
+_RENAMED = {"MABN": {"MOMENTUM": "EMA_DECAY"}, "BRN": {"MOMENTUM": "EMA_UPDATE_RATE"}}
+
+
+class _Section:
+    """One cfg.MODEL section: the layer's table plus the keys only the config has."""
+
+    def __init__(self, name: str, layer_table: Tuple[Hyperparameter, ...], config_only=()):
+        self.name = name
+        self.layer_table = layer_table
+        self.table = layer_table + tuple(config_only)
+        self.rules: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+            p.config_key: (p.check, p.requirement) for p in self.table}
+        self.renamed = _RENAMED[name]
+
+    def defaults(self) -> CN:
+        node = CN({p.config_key: p.default for p in self.table})
+        for old in self.renamed:
+            node[old] = None  # None: unset; a None default also lets yacs merge a number into it
+        return node
+
+    def known_keys(self):
+        return sorted(list(self.rules) + list(self.renamed))
+
+
+_SECTIONS = {"MABN": _Section("MABN", MABN_HYPERPARAMETERS, _MABN_FRACTIONS), "BRN": _Section("BRN", BRN_HYPERPARAMETERS)}
 
 
 def add_mabn_config(cfg: CN) -> None:
     """Add cfg.MODEL.MABN and cfg.MODEL.BRN; keys already present keep their values."""
-    for name, defaults in (("MABN", _mabn_defaults()), ("BRN", _brn_defaults())):
+    for name, section in _SECTIONS.items():
+        defaults = section.defaults()
         if name not in cfg.MODEL:
             cfg.MODEL[name] = defaults
             continue
         for key, value in defaults.items():
             if key not in cfg.MODEL[name]:
                 cfg.MODEL[name][key] = value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def _non_negative_int(value: Any) -> bool:
-    return _is_int(value) and value >= 0
-
-
-def _fraction_or_off(value: Any) -> bool:
-    return _is_number(value) and (value == -1 or 0.0 <= value <= 1.0)
-
-
-# key -> (check, what the check requires), per section
-_Rule = Dict[str, Tuple[Callable[[Any], bool], str]]
-_MABN_RULES: _Rule = {
-    "BUFFER_SIZE": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
-    "MOMENTUM": (lambda v: _is_number(v) and 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
-    "RENORM_WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
-    "WARMUP_FRACTION": (_fraction_or_off, "must be -1 (off) or in [0, 1]"),
-    "RENORM_WARMUP_FRACTION": (_fraction_or_off, "must be -1 (off) or in [0, 1]"),
-    "RENORM_CLIP": (lambda v: _is_number(v) and v >= 1.0, "must be >= 1"),
-    "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
-}
-# Keys that size the warm-ups from the schedule; they resolve into WARMUP_ITERS / RENORM_WARMUP_ITERS.
-_MABN_FRACTION_KEYS = {"WARMUP_FRACTION": "WARMUP_ITERS", "RENORM_WARMUP_FRACTION": "RENORM_WARMUP_ITERS"}
-_BRN_RULES: _Rule = {
-    "EPS": (lambda v: _is_number(v) and v > 0.0, "must be > 0"),
-    "MOMENTUM": (lambda v: _is_number(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
-    "R_MAX": (lambda v: _is_number(v) and v >= 1.0, "must be >= 1"),
-    "D_MAX": (lambda v: _is_number(v) and v >= 0.0, "must be >= 0"),
-    "WARMUP_ITERS": (_non_negative_int, "must be an integer >= 0"),
-    "R_MAX_RAMP_ITERS": (_non_negative_int, "must be an integer >= 0"),
-    "D_MAX_RAMP_ITERS": (_non_negative_int, "must be an integer >= 0"),
-}
-_SECTIONS = {"MABN": (_MABN_RULES, _mabn_defaults), "BRN": (_BRN_RULES, _brn_defaults)}
 
 
 def _section(cfg: Any, name: str) -> Optional[CN]:
@@ -126,27 +95,52 @@ def validate_mabn_config(cfg: CN) -> None:
     """Raise ValueError naming the first bad key of cfg.MODEL.MABN / cfg.MODEL.BRN.
 
     Sections or keys that are absent are not errors (the layer defaults apply); unknown
-    keys are, since they are most likely misspellings.
+    keys are, since they are most likely misspellings. A deprecated key is checked as the key
+    that replaces it, and setting both to different values is an error.
     """
-    for name, (rules, _) in _SECTIONS.items():
-        section = _section(cfg, name)
-        if section is None:
+    for name, section in _SECTIONS.items():
+        node = _section(cfg, name)
+        if node is None:
             continue
-        for key in section:
-            if key not in rules:
-                raise ValueError(f"cfg.MODEL.{name}.{key} is not a known key; expected one of {sorted(rules)}")
-        for key, (check, requirement) in rules.items():
-            if key in section and not check(section[key]):
-                raise ValueError(f"cfg.MODEL.{name}.{key} {requirement}, got {section[key]!r}")
+        for key in node:
+            if key not in section.rules and key not in section.renamed:
+                raise ValueError(f"cfg.MODEL.{name}.{key} is not a known key; expected one of {section.known_keys()}")
+        for key, (check, requirement) in section.rules.items():
+            if key in node and not check(node[key]):
+                raise ValueError(f"cfg.MODEL.{name}.{key} {requirement}, got {node[key]!r}")
+        for old, new in section.renamed.items():
+            if node.get(old) is None:
+                continue
+            check, requirement = section.rules[new]
+            if not check(node[old]):
+                raise ValueError(f"cfg.MODEL.{name}.{old} (deprecated, now {new}) {requirement}, got {node[old]!r}")
+            default = _default(section, new)
+            if new in node and node[new] != default and node[new] != node[old]:
+                raise ValueError(f"cfg.MODEL.{name}.{old} (deprecated) and its new name {new} are both set, to "
+                                 f"{node[old]!r} and {node[new]!r}; keep only {new}")
+
+
+def _default(section: "_Section", key: str) -> Any:
+    return next(p.default for p in section.table if p.config_key == key)
 
 
 def _kwargs_from_section(cfg: CN, name: str) -> Dict[str, Any]:
-    rules, defaults = _SECTIONS[name]
-    section = _section(cfg, name)
-    values = defaults()
-    if section is not None:
-        values.update({key: section[key] for key in rules if key in section})
-    return {key.lower(): values[key] for key in rules}
+    section = _SECTIONS[name]
+    node = _section(cfg, name)
+    values = {p.config_key: p.default for p in section.table}
+    if node is not None:
+        values.update({key: node[key] for key in section.rules if key in node})
+        for old, new in section.renamed.items():
+            if node.get(old) is not None:
+                warnings.warn(f"cfg.MODEL.{name}.{old} is deprecated: it is now cfg.MODEL.{name}.{new} "
+                              f"({_meaning(section, new)}); its value {node[old]!r} is used as {new}",
+                              FutureWarning, stacklevel=3)
+                values[new] = node[old]
+    return {key.lower(): values[key] for key in section.rules}
+
+
+def _meaning(section: "_Section", key: str) -> str:
+    return next(p.meaning for p in section.table if p.config_key == key)
 
 
 def _max_iter(cfg: Any) -> Optional[int]:

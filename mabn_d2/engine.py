@@ -25,7 +25,7 @@ from detectron2.utils import comm
 
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
 from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
-from .data.stream import SeededStreamDataset, StreamPositionSampler
+from .train_stream import SeededStreamDataset, StreamPositionSampler
 from .evaluation import build_evaluator_for_dataset
 from .layers import BatchRenorm2d, MABN2d
 from .preflight import UsageError, check_device, check_norm_names, check_writable_dir

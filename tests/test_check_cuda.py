@@ -63,7 +63,7 @@ def test_correctness_check_requires_clipped_renormalization(check_cuda):
 
 def test_spec_matches_the_layer_test_reference(check_cuda):
     """The script's vectorised spec and the per-channel reference of the layer tests agree."""
-    from .test_mabn_layer import CUSTOM, ReferenceMABN
+    from .layers.test_mabn_layer import CUSTOM, ReferenceMABN
 
     spec, reference = check_cuda.SpecMABN(6, **CUSTOM), ReferenceMABN(6, **CUSTOM)
     generator = torch.Generator().manual_seed(5)

@@ -13,9 +13,10 @@ from mabn_d2.config import (
     validate_mabn_config,
 )
 
-MABN_KEYS = ["BUFFER_SIZE", "MOMENTUM", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "WARMUP_FRACTION",
-             "RENORM_WARMUP_FRACTION", "RENORM_CLIP", "EPS"]
-BRN_KEYS = ["EPS", "MOMENTUM", "R_MAX", "D_MAX", "WARMUP_ITERS", "R_MAX_RAMP_ITERS", "D_MAX_RAMP_ITERS"]
+MABN_KEYS = ["BUFFER_SIZE", "EMA_DECAY", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "WARMUP_FRACTION",
+             "RENORM_WARMUP_FRACTION", "RENORM_CLIP", "EPS", "MOMENTUM"]
+BRN_KEYS = ["EPS", "EMA_UPDATE_RATE", "R_MAX", "D_MAX", "WARMUP_ITERS", "R_MAX_RAMP_ITERS", "D_MAX_RAMP_ITERS",
+            "MOMENTUM"]
 
 
 def layer_defaults(cls):
@@ -32,8 +33,8 @@ def new_cfg():
 def test_defaults_are_the_paper_values_and_match_the_layers():
     cfg = new_cfg()
     assert dict(cfg.MODEL.MABN) == dict(
-        BUFFER_SIZE=16, MOMENTUM=0.98, WARMUP_ITERS=100, RENORM_WARMUP_ITERS=1000, WARMUP_FRACTION=-1.0,
-        RENORM_WARMUP_FRACTION=-1.0, RENORM_CLIP=5.0, EPS=1e-5,
+        BUFFER_SIZE=16, EMA_DECAY=0.98, WARMUP_ITERS=100, RENORM_WARMUP_ITERS=1000, WARMUP_FRACTION=-1.0,
+        RENORM_WARMUP_FRACTION=-1.0, RENORM_CLIP=5.0, EPS=1e-5, MOMENTUM=None,
     )
     assert sorted(cfg.MODEL.BRN) == sorted(BRN_KEYS)
     assert mabn_kwargs_from_cfg(cfg) == layer_defaults(MABN2d)
@@ -54,11 +55,11 @@ def test_add_mabn_config_is_idempotent_and_keeps_user_values():
 
 def test_keys_merge_from_yaml(tmp_path):
     path = tmp_path / "mabn.yaml"
-    path.write_text("MODEL:\n  MABN:\n    BUFFER_SIZE: 4\n    MOMENTUM: 0.9\n  BRN:\n    R_MAX: 2.0\n")
+    path.write_text("MODEL:\n  MABN:\n    BUFFER_SIZE: 4\n    EMA_DECAY: 0.9\n  BRN:\n    R_MAX: 2.0\n")
     cfg = new_cfg()
     cfg.merge_from_file(str(path))
     kwargs = mabn_kwargs_from_cfg(cfg)
-    assert (kwargs["buffer_size"], kwargs["momentum"], kwargs["eps"]) == (4, 0.9, 1e-5)
+    assert (kwargs["buffer_size"], kwargs["ema_decay"], kwargs["eps"]) == (4, 0.9, 1e-5)
     assert brn_kwargs_from_cfg(cfg)["r_max"] == 2.0
     layer = MABN2d(8, **kwargs)
     assert layer.buffer_size == 4 and layer.x2_buffer.shape == (4, 8)
@@ -75,9 +76,9 @@ def test_kwargs_without_sections_are_the_layer_defaults():
 BAD_VALUES = [
     ("MABN", "BUFFER_SIZE", 0),
     ("MABN", "BUFFER_SIZE", 2.5),
-    ("MABN", "MOMENTUM", 1.5),
-    ("MABN", "MOMENTUM", 1.0),
-    ("MABN", "MOMENTUM", -0.1),
+    ("MABN", "EMA_DECAY", 1.5),
+    ("MABN", "EMA_DECAY", 1.0),
+    ("MABN", "EMA_DECAY", -0.1),
     ("MABN", "WARMUP_ITERS", -1),
     ("MABN", "RENORM_WARMUP_ITERS", True),
     ("MABN", "WARMUP_FRACTION", 1.5),
@@ -87,7 +88,7 @@ BAD_VALUES = [
     ("MABN", "EPS", 0.0),
     ("MABN", "EPS", float("nan")),
     ("BRN", "EPS", -1e-5),
-    ("BRN", "MOMENTUM", 0.0),
+    ("BRN", "EMA_UPDATE_RATE", 0.0),
     ("BRN", "R_MAX", 0.5),
     ("BRN", "D_MAX", -1.0),
     ("BRN", "WARMUP_ITERS", -5),
@@ -109,15 +110,15 @@ def test_bad_values_raise_naming_the_key(section, key, value):
 
 def test_message_format():
     cfg = new_cfg()
-    cfg.MODEL.MABN.MOMENTUM = 1.5
-    with pytest.raises(ValueError, match=r"^cfg\.MODEL\.MABN\.MOMENTUM must be in \[0, 1\), got 1\.5$"):
+    cfg.MODEL.MABN.EMA_DECAY = 1.5
+    with pytest.raises(ValueError, match=r"^cfg\.MODEL\.MABN\.EMA_DECAY must be in \[0, 1\), got 1\.5$"):
         validate_mabn_config(cfg)
 
 
 def test_boundary_values_are_accepted():
     cfg = new_cfg()
-    cfg.MODEL.MABN.update(BUFFER_SIZE=1, MOMENTUM=0.0, WARMUP_ITERS=0, RENORM_WARMUP_ITERS=0, RENORM_CLIP=1)
-    cfg.MODEL.BRN.update(MOMENTUM=1.0, R_MAX=1.0, D_MAX=0.0, WARMUP_ITERS=0)
+    cfg.MODEL.MABN.update(BUFFER_SIZE=1, EMA_DECAY=0.0, WARMUP_ITERS=0, RENORM_WARMUP_ITERS=0, RENORM_CLIP=1)
+    cfg.MODEL.BRN.update(EMA_UPDATE_RATE=1.0, R_MAX=1.0, D_MAX=0.0, WARMUP_ITERS=0)
     validate_mabn_config(cfg)
     MABN2d(4, **mabn_kwargs_from_cfg(cfg))
     BatchRenorm2d(4, **brn_kwargs_from_cfg(cfg))
@@ -182,3 +183,46 @@ def test_warmup_iters_beyond_renorm_warmup_count_for_the_warning():
     cfg.SOLVER.MAX_ITER = 900
     cfg.MODEL.MABN.update(WARMUP_ITERS=500, RENORM_WARMUP_ITERS=10)  # r starts after max(500, 10)
     assert "iteration 500" in long_renorm_warmup_message(cfg)
+
+
+@pytest.mark.parametrize("section, new_key, old_value, kwargs_of, argument", [
+    ("MABN", "EMA_DECAY", 0.9, mabn_kwargs_from_cfg, "ema_decay"),
+    ("BRN", "EMA_UPDATE_RATE", 0.1, brn_kwargs_from_cfg, "ema_update_rate"),
+])
+def test_deprecated_momentum_still_loads_with_a_message(tmp_path, section, new_key, old_value, kwargs_of, argument):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"MODEL:\n  {section}:\n    MOMENTUM: {old_value}\n")
+    cfg = new_cfg()
+    cfg.merge_from_file(str(path))  # a None default accepts the number
+    validate_mabn_config(cfg)
+    with pytest.warns(FutureWarning, match=rf"cfg\.MODEL\.{section}\.MOMENTUM is deprecated: it is now "
+                                           rf"cfg\.MODEL\.{section}\.{new_key}"):
+        kwargs = kwargs_of(cfg)
+    assert kwargs[argument] == old_value
+    assert "momentum" not in kwargs
+
+
+def test_deprecated_momentum_is_checked_as_its_new_key():
+    cfg = new_cfg()
+    cfg.MODEL.MABN.MOMENTUM = 1.5
+    with pytest.raises(ValueError, match=r"^cfg\.MODEL\.MABN\.MOMENTUM \(deprecated, now EMA_DECAY\) must be in"):
+        validate_mabn_config(cfg)
+
+
+def test_deprecated_and_new_key_with_different_values_conflict():
+    cfg = new_cfg()
+    cfg.MODEL.BRN.MOMENTUM = 0.1
+    cfg.MODEL.BRN.EMA_UPDATE_RATE = 0.2
+    with pytest.raises(ValueError, match=r"MOMENTUM \(deprecated\) and its new name EMA_UPDATE_RATE are both set"):
+        validate_mabn_config(cfg)
+
+
+def test_config_keys_derive_from_the_layer_table():
+    from mabn_d2.layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS
+
+    cfg = new_cfg()
+    for section, table, layer in (("MABN", MABN_HYPERPARAMETERS, MABN2d), ("BRN", BRN_HYPERPARAMETERS, BatchRenorm2d)):
+        assert {p.name for p in table} == set(layer_defaults(layer))
+        for parameter in table:
+            assert cfg.MODEL[section][parameter.config_key] == parameter.default
+            assert layer_defaults(layer)[parameter.name] == parameter.default

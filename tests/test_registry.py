@@ -30,8 +30,8 @@ from mabn_d2 import registry
 from mabn_d2.cycle import CycleMABNList
 from mabn_d2.registry import brn_build_context, build_context_from_cfg
 
-MABN_CFG = dict(BUFFER_SIZE=4, MOMENTUM=0.9, WARMUP_ITERS=7, RENORM_WARMUP_ITERS=30, RENORM_CLIP=2.5, EPS=1e-3)
-MABN_ATTRS = dict(buffer_size=4, momentum=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=2.5, eps=1e-3)
+MABN_CFG = dict(BUFFER_SIZE=4, EMA_DECAY=0.9, WARMUP_ITERS=7, RENORM_WARMUP_ITERS=30, RENORM_CLIP=2.5, EPS=1e-3)
+MABN_ATTRS = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=2.5, eps=1e-3)
 RING_BUFFERS = ("x2_buffer", "gz_buffer")
 # R-18 Mask R-CNN FPN with norms everywhere: stem 1, res2 2x2, res3-res5 2x2 + shortcut, FPN 8, box 4, mask 4
 R18_FPN_NORMS = 1 + 4 + 3 * 5 + 8 + 4 + 4
@@ -478,14 +478,14 @@ def test_cfg_without_mabn_section_uses_defaults_or_the_enclosing_context():
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     assert "MABN" not in cfg.MODEL
     stem_norm = build_model(cfg).backbone.bottom_up.stem.conv1.norm
-    assert (stem_norm.buffer_size, stem_norm.momentum) == (16, 0.98)
+    assert (stem_norm.buffer_size, stem_norm.ema_decay) == (16, 0.98)
     with mabn_build_context(buffer_size=5):
         stem_norm = build_model(cfg).backbone.bottom_up.stem.conv1.norm
     assert stem_norm.buffer_size == 5
 
 
 @pytest.mark.parametrize(
-    "section, key, value", [("MABN", "MOMENTUM", 1.5), ("MABN", "BUFFER_SIZE", 0), ("BRN", "R_MAX", 0.5)]
+    "section, key, value", [("MABN", "EMA_DECAY", 1.5), ("MABN", "BUFFER_SIZE", 0), ("BRN", "R_MAX", 0.5)]
 )
 def test_build_model_rejects_bad_cfg_values_naming_the_key(section, key, value):
     cfg = mask_rcnn_cfg("MABN", small=True)
@@ -512,15 +512,15 @@ def test_hand_built_modules_are_centralized_by_the_pass_and_follow_the_context()
     assert type(stem.conv1) is CenteredConv2d
     assert_centralized(stem.conv1)
     assert stem.conv1.norm.buffer_size == 16  # outside a context: the layer defaults
-    with mabn_build_context(buffer_size=3, momentum=0.5):
-        with mabn_build_context(momentum=0.7):  # nested: overrides key by key
+    with mabn_build_context(buffer_size=3, ema_decay=0.5):
+        with mabn_build_context(ema_decay=0.7):  # nested: overrides key by key
             inner = BasicStem(3, 8, norm="MABN").conv1.norm
         outer_stem = instantiate(L(prepare_mabn_model)(model=L(BasicStem)(in_channels=3, out_channels=8, norm="MABN")))
         outer = outer_stem.conv1.norm
     assert type(outer_stem.conv1) is CenteredConv2d
-    assert (inner.buffer_size, inner.momentum) == (3, 0.7)
-    assert (outer.buffer_size, outer.momentum) == (3, 0.5)
-    assert BasicStem(3, 8, norm="MABN").conv1.norm.momentum == 0.98
+    assert (inner.buffer_size, inner.ema_decay) == (3, 0.7)
+    assert (outer.buffer_size, outer.ema_decay) == (3, 0.5)
+    assert BasicStem(3, 8, norm="MABN").conv1.norm.ema_decay == 0.98
     with brn_build_context(r_max=1.5):
         assert d2_batch_norm.get_norm("BRN", 4).r_max == 1.5
     assert d2_batch_norm.get_norm("BRN", 4).r_max == 3.0
@@ -553,8 +553,8 @@ def test_build_contexts_reject_unknown_or_bad_arguments():
     with pytest.raises(TypeError, match="buffer_sise"):
         with mabn_build_context(buffer_sise=3):
             pass
-    with pytest.raises(ValueError, match="momentum"):
-        with mabn_build_context(momentum=1.5):
+    with pytest.raises(ValueError, match="ema_decay"):
+        with mabn_build_context(ema_decay=1.5):
             pass
     with pytest.raises(ValueError, match="r_max"):
         with brn_build_context(r_max=0.5):
@@ -780,7 +780,7 @@ def test_warning_capture_sees_the_shared_bn_warning():
 
 
 def test_cycle_mabn_list_from_shared_copies_settings_state_and_affine():
-    shared = MABN2d(4, buffer_size=3, momentum=0.5, eps=1e-3)
+    shared = MABN2d(4, buffer_size=3, ema_decay=0.5, eps=1e-3)
     with torch.no_grad():
         shared.weight.fill_(2.0)
         shared.bias.fill_(-1.0)
@@ -788,7 +788,7 @@ def test_cycle_mabn_list_from_shared_copies_settings_state_and_affine():
     levels = CycleMABNList.from_shared(shared, 3)
     assert len(levels) == 3 and len({id(m) for m in levels}) == 3 and all(m is not shared for m in levels)
     for level in levels:
-        assert (level.buffer_size, level.momentum, level.eps) == (3, 0.5, 1e-3)
+        assert (level.buffer_size, level.ema_decay, level.eps) == (3, 0.5, 1e-3)
         assert torch.equal(level.running_var, shared.running_var)
         assert torch.equal(level.weight, torch.ones(4)) and not isinstance(level.weight, nn.Parameter)
     assert torch.equal(levels.weight, shared.weight) and torch.equal(levels.bias, shared.bias)

@@ -31,8 +31,8 @@ def _refused(train_net, capsys, *argv) -> str:
 
 def test_bad_value_in_an_existing_run_changes_nothing(train_net, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("the run's config\n")
-    err = _refused(train_net, capsys, "MODEL.MABN.MOMENTUM", "1.5", "OUTPUT_DIR", tmp_path)
-    assert "cfg.MODEL.MABN.MOMENTUM must be in [0, 1), got 1.5" in err
+    err = _refused(train_net, capsys, "MODEL.MABN.EMA_DECAY", "1.5", "OUTPUT_DIR", tmp_path)
+    assert "cfg.MODEL.MABN.EMA_DECAY must be in [0, 1), got 1.5" in err
     assert (tmp_path / "config.yaml").read_text() == "the run's config\n"
     assert sorted(os.listdir(tmp_path)) == ["config.yaml"]  # no log.txt either
 

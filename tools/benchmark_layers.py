@@ -13,8 +13,8 @@ from typing import List, Optional
 
 import torch
 
-from mabn_d2.benchmarking import markdown_table
-from mabn_d2.norm_benchmark import DETECTION_SHAPES, NORMS, QUICK_SHAPES, benchmark_shape
+from mabn_d2.research.benchmarking import markdown_table
+from mabn_d2.research.norm_benchmark import DETECTION_SHAPES, NORMS, QUICK_SHAPES, benchmark_shape
 
 
 def run(shapes, norms: List[str], repeats: int, device: str = "cpu") -> str:

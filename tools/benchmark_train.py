@@ -13,8 +13,8 @@ from typing import List, Optional
 import torch
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
-from mabn_d2.benchmarking import markdown_table
-from mabn_d2.maskrcnn_benchmark import VARIANTS, measure_training_steps
+from mabn_d2.research.benchmarking import markdown_table
+from mabn_d2.research.maskrcnn_benchmark import VARIANTS, measure_training_steps
 
 DEFAULT_VARIANTS = ["MABN", "BN", "GN", "FrozenBN backbone"]
 

@@ -40,10 +40,10 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = (0, 2, 3)
 # Phases in a few iterations: batch statistics 1-6, moving averages 7-20, re-normalization 21-40.
-SHORT_PHASES = dict(buffer_size=4, momentum=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)
+SHORT_PHASES = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)
 SHORT_ITERATIONS, SHORT_JUMP = 40, 25
 # The layer defaults: re-normalization starts after iteration 1,000.
-DEFAULT_PHASES = dict(buffer_size=16, momentum=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
+DEFAULT_PHASES = dict(buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
 DEFAULT_ITERATIONS, DEFAULT_JUMP = 1100, 1050
 LIMITS = {torch.float64: 1e-9, torch.float32: 1e-4}
 # Speed targets of the Triton training step on a CUDA GPU (ratios of medians); the public-operation
@@ -113,8 +113,8 @@ def backend_context(name: str):
 class SpecMABN:
     """MABN's training step as the algorithm states it: float64, CPU, whole-tensor arithmetic."""
 
-    def __init__(self, channels, buffer_size, momentum, warmup_iters, renorm_warmup_iters, renorm_clip, eps):
-        self.m, self.momentum, self.eps, self.clip = buffer_size, momentum, eps, renorm_clip
+    def __init__(self, channels, buffer_size, ema_decay, warmup_iters, renorm_warmup_iters, renorm_clip, eps):
+        self.m, self.ema_decay, self.eps, self.clip = buffer_size, ema_decay, eps, renorm_clip
         self.warmup, self.renorm_warmup = warmup_iters, renorm_warmup_iters
         self.t = 0
         self.x2 = torch.zeros(buffer_size, channels, dtype=torch.float64)
@@ -136,7 +136,7 @@ class SpecMABN:
             raw = s / (self.running_var + self.eps).sqrt()
             r = raw.clamp(1.0 / self.clip, self.clip)
             self.clipped += int((raw != r).sum())
-        self.running_var = self.momentum * self.running_var + (1 - self.momentum) * chi2
+        self.running_var = self.ema_decay * self.running_var + (1 - self.ema_decay) * chi2
         z = x / _view(s)
         g = dy * _view(gamma * r)
         psi_batch = (g * z).mean(DIMS)
@@ -221,14 +221,14 @@ def _error_row(section: str, case: str, errors: Dict[str, float], limit: float, 
 
 def short_phase_layers() -> Dict[str, Callable[[int], torch.nn.Module]]:
     """The other trainable layers, with warm-ups short enough to cross every phase in 40 steps."""
-    from mabn_d2.ablations import MABNCentered2d, MABNForwardOnly2d
+    from mabn_d2.research.ablations import MABNCentered2d, MABNForwardOnly2d
     from mabn_d2.layers import BatchRenorm2d
 
     return {
         "MABNForwardOnly2d": lambda c: MABNForwardOnly2d(c, **SHORT_PHASES),
         "MABNCentered2d": lambda c: MABNCentered2d(c, **SHORT_PHASES),
         "BatchRenorm2d": lambda c: BatchRenorm2d(
-            c, momentum=0.1, r_max=1.5, d_max=0.5, warmup_iters=5, r_max_ramp_iters=10, d_max_ramp_iters=10
+            c, ema_update_rate=0.1, r_max=1.5, d_max=0.5, warmup_iters=5, r_max_ramp_iters=10, d_max_ramp_iters=10
         ),
     }
 
@@ -395,7 +395,7 @@ def layer_time_rows(
     device: torch.device, shapes: Optional[Sequence] = None, repeats: int = 20, norms: Optional[Sequence[str]] = None
 ) -> List[Row]:
     """Train and eval time of each norm per shape, as ratios to BatchNorm2d (train) and FrozenBN (eval)."""
-    from mabn_d2.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
+    from mabn_d2.research.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
 
     norms = list(norms or NORMS)
     for baseline in ("MABN2d", "BatchNorm2d", "FrozenBN"):
@@ -442,7 +442,7 @@ def maskrcnn_rows(
     variants: Sequence[str] = ("MABN", "BN", "GN", "BRN"),
 ) -> List[Row]:
     """Median Mask R-CNN R50-FPN training step (2 images) per norm, as a ratio to BN."""
-    from mabn_d2.maskrcnn_benchmark import measure_training_steps
+    from mabn_d2.research.maskrcnn_benchmark import measure_training_steps
 
     results = measure_training_steps(list(variants), height, width, repeats, str(device))
     bn = results["BN"]["seconds"] if "BN" in results else None

@@ -15,7 +15,7 @@ import os
 from typing import List, Optional
 
 from mabn_d2.atomic_io import atomic_write_text
-from mabn_d2.detection_study import (
+from mabn_d2.research.detection_study import (
     VARIANTS, curves_table, plot_curves, results_table, run_detection_study, training_loss_table,
 )
 

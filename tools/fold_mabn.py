@@ -11,7 +11,7 @@ the MABN keys are gone, so `get_cfg()`, `build_model` and `DetectionCheckpointer
 without mabn_d2. --fuse also writes model_fused.pth, whose norms are folded into the convolutions:
 it matches no config and is what --export exports. --verify N compares predictions of the
 original (eval mode) and the folded model(s) on N images of DATASETS.TEST (or --images) and fails
-above the tolerances in `mabn_d2.export.TOLERANCES`. Nothing is written unless every check passes.
+above the tolerances in `mabn_d2.deploy.verify.TOLERANCES`. Nothing is written unless every check passes.
 
 OUTPUT ends up holding exactly this run's files: a folder that is not empty is refused unless
 --overwrite is given, and then replaced as a whole (only if it holds nothing but fold outputs).
@@ -27,8 +27,12 @@ from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
 from mabn_d2.config import add_mabn_config
-from mabn_d2.data.builtin import register_demo_datasets
-from mabn_d2.export import EXPORT_FORMATS, TOLERANCES, ExportError, check_output_dir, fold_checkpoint
+from mabn_d2.research.data.builtin import register_demo_datasets
+from mabn_d2.deploy import ExportError
+from mabn_d2.deploy.export_formats import EXPORT_FORMATS
+from mabn_d2.deploy.output_dir import check_output_dir
+from mabn_d2.deploy.pipeline import fold_checkpoint
+from mabn_d2.deploy.verify import TOLERANCES
 from mabn_d2.preflight import UsageError, check_device
 
 logger = logging.getLogger("mabn_d2.fold_mabn")

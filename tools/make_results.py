@@ -20,7 +20,7 @@ import detectron2
 import torch
 
 from mabn_d2.atomic_io import atomic_write_text
-from mabn_d2.benchmarking import markdown_table
+from mabn_d2.research.benchmarking import markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 STATS = ("mu_B", "sigma2_B", "g_B", "Psi_B")

@@ -17,7 +17,7 @@ from typing import List, Optional
 from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the norm strings)
-from mabn_d2.precise_stats import reestimate_run_checkpoints
+from mabn_d2.research.reestimation import reestimate_run_checkpoints
 
 
 def main(argv: Optional[List[str]] = None) -> int:

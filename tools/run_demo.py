@@ -11,7 +11,7 @@ from typing import List, Optional
 from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401
-from mabn_d2.demo import format_summary, run_demo
+from mabn_d2.research.demo import format_summary, run_demo
 
 DEFAULT_CONFIG = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn.yaml"
 

@@ -6,14 +6,14 @@
 
 Rerunning the same command skips finished runs and resumes interrupted ones. The default
 (7 norms x 3 seeds, 2 epochs of batch 32, 2 jobs x 1 thread) takes about 1 h on an idle
-2-core CPU; the measurements behind it are in mabn_d2/study.py.
+2-core CPU; the measurements behind it are in mabn_d2/research/study.py.
 """
 import argparse
 import dataclasses
 import sys
 from typing import List, Optional, Sequence
 
-from mabn_d2.study import NORMS, StudyConfig, run_study
+from mabn_d2.research.study import NORMS, StudyConfig, run_study
 
 # A few minutes at most: every norm once, through all of MABN's phases (70 x 16 > 1000 forwards).
 QUICK = StudyConfig(iters=70, warmup_iters=10, train_images=2048, test_images=1000, curve_test_images=500, evals=2)
@@ -22,7 +22,7 @@ QUICK = StudyConfig(iters=70, warmup_iters=10, train_images=2048, test_images=10
 _CONFIG_OPTIONS = {
     "epochs": float, "iters": int, "batch_size": int, "norm_batch": int, "lr": float, "warmup_iters": int,
     "weight_decay": float, "train_images": int, "test_images": int, "curve_test_images": int, "evals": int,
-    "mabn_buffer_size": int, "mabn_momentum": float, "mabn_warmup_iters": int,
+    "mabn_buffer_size": int, "mabn_ema_decay": float, "mabn_warmup_iters": int,
     "mabn_renorm_warmup_iters": int, "mabn_renorm_clip": float,
 }
 

@@ -23,7 +23,7 @@ from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
-from mabn_d2.data.builtin import register_demo_datasets
+from mabn_d2.research.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
 from mabn_d2.preflight import UsageError, check_device, check_writable_dir
 

@@ -17,7 +17,7 @@ from mabn_d2 import MABN2d, prepare_mabn_model
 
 # The paper's hyper-parameters.
 mabn_norm = partial(
-    MABN2d, buffer_size=16, momentum=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5
+    MABN2d, buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5
 )
 
 model = L(prepare_mabn_model)(model=get_config("common/models/mask_rcnn_fpn.py").model)

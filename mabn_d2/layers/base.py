@@ -11,8 +11,11 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from .functional import MABNPhase, mabn_phase
+from .hyperparams import MABN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 
-__all__ = ["HostIterationCounter", "MovingAverageNorm", "check_moving_average_arguments", "frozen_batchnorm_from"]
+_DEFAULTS = defaults(MABN_HYPERPARAMETERS)
+
+__all__ = ["HostIterationCounter", "MovingAverageNorm", "frozen_batchnorm_from"]
 
 
 class HostIterationCounter(nn.Module):
@@ -60,20 +63,22 @@ class MovingAverageNorm(HostIterationCounter):
     def __init__(
         self,
         num_features: int,
-        buffer_size: int = 16,
-        momentum: float = 0.98,
-        warmup_iters: int = 100,
-        renorm_warmup_iters: int = 1000,
-        renorm_clip: float = 5.0,
-        eps: float = 1e-5,
+        buffer_size: int = _DEFAULTS["buffer_size"],
+        ema_decay: float = _DEFAULTS["ema_decay"],
+        warmup_iters: int = _DEFAULTS["warmup_iters"],
+        renorm_warmup_iters: int = _DEFAULTS["renorm_warmup_iters"],
+        renorm_clip: float = _DEFAULTS["renorm_clip"],
+        eps: float = _DEFAULTS["eps"],
     ):
         super().__init__()
-        check_moving_average_arguments(
-            type(self).__name__, num_features, buffer_size, momentum, warmup_iters, renorm_warmup_iters, renorm_clip, eps
-        )
+        owner = type(self).__name__
+        check_num_features(owner, num_features)
+        check_arguments(owner, MABN_HYPERPARAMETERS, dict(
+            buffer_size=buffer_size, ema_decay=ema_decay, warmup_iters=warmup_iters,
+            renorm_warmup_iters=renorm_warmup_iters, renorm_clip=renorm_clip, eps=eps))
         self.num_features = num_features
         self.buffer_size = buffer_size
-        self.momentum = momentum
+        self.ema_decay = ema_decay
         self.warmup_iters = warmup_iters
         self.renorm_warmup_iters = renorm_warmup_iters
         self.renorm_clip = renorm_clip
@@ -112,31 +117,10 @@ class MovingAverageNorm(HostIterationCounter):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
+            f"{self.num_features}, buffer_size={self.buffer_size}, ema_decay={self.ema_decay}, "
             f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
             f"renorm_clip={self.renorm_clip}, eps={self.eps}"
         )
-
-
-def check_moving_average_arguments(
-    owner: str, num_features, buffer_size, momentum, warmup_iters, renorm_warmup_iters, renorm_clip, eps
-) -> None:
-    """ValueError naming the bad argument, before any state is allocated."""
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(f"{owner}: {message}")
-
-    require(isinstance(num_features, int) and num_features >= 1, f"num_features must be a positive int, got {num_features!r}")
-    require(isinstance(buffer_size, int) and buffer_size >= 1, f"buffer_size must be an int >= 1, got {buffer_size!r}")
-    require(0.0 <= momentum < 1.0, f"momentum must be in [0, 1) (decay of the EMA), got {momentum!r}")
-    require(isinstance(warmup_iters, int) and warmup_iters >= 0, f"warmup_iters must be an int >= 0, got {warmup_iters!r}")
-    require(
-        isinstance(renorm_warmup_iters, int) and renorm_warmup_iters >= 0,
-        f"renorm_warmup_iters must be an int >= 0, got {renorm_warmup_iters!r}",
-    )
-    require(renorm_clip >= 1.0, f"renorm_clip must be >= 1, got {renorm_clip!r}")
-    require(eps > 0.0, f"eps must be > 0, got {eps!r}")
 
 
 def frozen_batchnorm_from(norm: nn.Module, cls: type = FrozenBatchNorm2d) -> FrozenBatchNorm2d:

@@ -4,9 +4,12 @@ from torch import nn
 
 from .backend import use_triton
 from .base import HostIterationCounter
+from .hyperparams import BRN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 from .triton_batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
 
 __all__ = ["BatchRenorm2d", "renorm_limits"]
+
+_DEFAULTS = defaults(BRN_HYPERPARAMETERS)
 
 
 def renorm_limits(
@@ -30,7 +33,8 @@ class BatchRenorm2d(HostIterationCounter):
 
     y = weight * ((x - mu_B) / sigma_B * r + d) + bias, with r = clip(sigma_B / sigma, 1/r_max, r_max)
     and d = clip((mu_B - mu) / sigma, -d_max, d_max) treated as constants in backward.
-    `momentum` follows torch's BatchNorm convention (weight of the new batch statistic).
+    `ema_update_rate` is the weight of the new batch statistic in the running averages (torch's
+    BatchNorm `momentum`).
     r_max and d_max start at 1 and 0 and ramp linearly to their final values after
     `warmup_iters`, over `r_max_ramp_iters` and `d_max_ramp_iters` iterations.
     The training step runs on Triton kernels for CUDA tensors (see `backend`, MABN_D2_BACKEND).
@@ -39,28 +43,22 @@ class BatchRenorm2d(HostIterationCounter):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float = 0.01,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_iters: int = 5000,
-        r_max_ramp_iters: int = 35000,
-        d_max_ramp_iters: int = 20000,
+        eps: float = _DEFAULTS["eps"],
+        ema_update_rate: float = _DEFAULTS["ema_update_rate"],
+        r_max: float = _DEFAULTS["r_max"],
+        d_max: float = _DEFAULTS["d_max"],
+        warmup_iters: int = _DEFAULTS["warmup_iters"],
+        r_max_ramp_iters: int = _DEFAULTS["r_max_ramp_iters"],
+        d_max_ramp_iters: int = _DEFAULTS["d_max_ramp_iters"],
     ):
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"BatchRenorm2d: num_features must be >= 1, got {num_features}")
-        if eps <= 0:
-            raise ValueError(f"BatchRenorm2d: eps must be > 0, got {eps}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"BatchRenorm2d: momentum must be in (0, 1], got {momentum}")
-        if r_max < 1.0 or d_max < 0.0:
-            raise ValueError(f"BatchRenorm2d: need r_max >= 1 and d_max >= 0, got {r_max}, {d_max}")
-        if min(warmup_iters, r_max_ramp_iters, d_max_ramp_iters) < 0:
-            raise ValueError("BatchRenorm2d: warm-up and ramp lengths must be >= 0")
+        check_num_features("BatchRenorm2d", num_features)
+        check_arguments("BatchRenorm2d", BRN_HYPERPARAMETERS, dict(
+            eps=eps, ema_update_rate=ema_update_rate, r_max=r_max, d_max=d_max, warmup_iters=warmup_iters,
+            r_max_ramp_iters=r_max_ramp_iters, d_max_ramp_iters=d_max_ramp_iters))
         self.num_features = num_features
         self.eps = eps
-        self.momentum = momentum
+        self.ema_update_rate = ema_update_rate
         self.r_max = r_max
         self.d_max = d_max
         self.warmup_iters = warmup_iters
@@ -89,7 +87,7 @@ class BatchRenorm2d(HostIterationCounter):
         r_max, d_max = self.current_limits()
         if triton_step:
             return TritonBatchRenormFunction.apply(
-                x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps, r_max, d_max
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.ema_update_rate, self.eps, r_max, d_max
             )
         dims = (0, 2, 3)
         x_work = x.to(torch.promote_types(x.dtype, self.running_mean.dtype))  # bf16 -> f32, f64 stays
@@ -101,8 +99,8 @@ class BatchRenorm2d(HostIterationCounter):
             d = ((mean_b - self.running_mean) / std_run).clamp(-d_max, d_max)
             count = x.numel() // x.shape[1]
             unbiased_var = var_b * (count / max(count - 1, 1))
-            new_mean = torch.lerp(self.running_mean, mean_b, self.momentum)
-            new_var = torch.lerp(self.running_var, unbiased_var, self.momentum)
+            new_mean = torch.lerp(self.running_mean, mean_b, self.ema_update_rate)
+            new_var = torch.lerp(self.running_var, unbiased_var, self.ema_update_rate)
             finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
             self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
             self.running_var.copy_(torch.where(finite, new_var, self.running_var))
@@ -113,6 +111,6 @@ class BatchRenorm2d(HostIterationCounter):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
+            f"{self.num_features}, eps={self.eps}, ema_update_rate={self.ema_update_rate}, r_max={self.r_max}, "
             f"d_max={self.d_max}, warmup_iters={self.warmup_iters}"
         )

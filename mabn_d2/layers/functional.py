@@ -75,7 +75,7 @@ class MABNFunction(torch.autograd.Function):
         x2_buffer: torch.Tensor,
         gz_buffer: torch.Tensor,
         phase: MABNPhase,
-        momentum: float,
+        ema_decay: float,
         eps: float,
         renorm_clip: float,
     ) -> torch.Tensor:
@@ -88,7 +88,7 @@ class MABNFunction(torch.autograd.Function):
         r: Optional[torch.Tensor] = None
         if phase.renormalize:
             r = ((chi2 + eps).sqrt() / (running_var + eps).sqrt()).clamp(1.0 / renorm_clip, renorm_clip)
-        updated_var = running_var * momentum + chi2 * (1.0 - momentum)
+        updated_var = running_var * ema_decay + chi2 * (1.0 - ema_decay)
         running_var.copy_(keep_finite(updated_var, running_var))
 
         scale = weight if r is None else weight * r

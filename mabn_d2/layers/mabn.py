@@ -20,7 +20,7 @@ class MABN2d(MovingAverageNorm):
       running_mean         always zero: MABN does not centre, and no computation reads it. It
                            keeps the state a superset of BatchNorm2d's, so it loads as
                            FrozenBatchNorm2d. Loading a non-zero one is refused (see below).
-      running_var          EMA of the normalizing statistic (decay `momentum`)
+      running_var          EMA of the normalizing statistic (decay `ema_decay`)
       num_batches_tracked  training forwards so far; drives the warm-up phases
       x2_buffer, gz_buffer ring buffers [buffer_size, C] of chi2_B and Psi_B
 
@@ -42,7 +42,7 @@ class MABN2d(MovingAverageNorm):
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d")
         return (TritonMABNFunction if triton else MABNFunction).apply(
-            x, *state, self._next_phase(), self.momentum, self.eps, self.renorm_clip
+            x, *state, self._next_phase(), self.ema_decay, self.eps, self.renorm_clip
         )
 
     def _load_from_state_dict(

@@ -43,7 +43,7 @@ class TritonMABNFunction(torch.autograd.Function):
         x2_buffer: torch.Tensor,
         gz_buffer: torch.Tensor,
         phase: MABNPhase,
-        momentum: float,
+        ema_decay: float,
         eps: float,
         renorm_clip: float,
     ) -> torch.Tensor:
@@ -57,7 +57,7 @@ class TritonMABNFunction(torch.autograd.Function):
         kernels.forward_statistics_kernel[plan.grid](
             x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
             c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
-            momentum, 1.0 - momentum, eps, 1.0 / renorm_clip, renorm_clip,
+            ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
             CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
             RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
             BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),

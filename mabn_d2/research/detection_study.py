@@ -1,0 +1,244 @@
+"""Detection-level study of norms and MABN settings on the Fashion-MNIST COCO demo.
+
+Every variant trains the demo's model on the demo's data with the same learning rate and
+schedule; only the norm or an MABN setting changes. Runs evaluate periodically
+(TEST.EVAL_PERIOD), so AP can be followed over iterations. Each (variant, seed) run is a
+`tools/train_net.py` subprocess in its own directory, checkpointing at every evaluation: a
+finished run is skipped, an interrupted one resumes exactly.
+
+One variant trains nothing: it takes another run's checkpoints, re-estimates MABN's running_var
+at those weights (`update_mabn_running_var`) and evaluates again, which separates the
+train/eval mismatch from what the weights learned.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+from ..atomic_io import atomic_write
+from .benchmarking import markdown_table
+from .reestimation import evaluation_records
+
+__all__ = [
+    "Variant", "VARIANTS", "DEMO_NORM_CONFIGS", "METRICS", "evaluation_curve", "final_metrics",
+    "run_detection_study", "results_table", "curves_table", "plot_curves", "training_loss_table",
+]
+
+METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+_DEMO = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_{}.yaml"
+DEMO_NORM_CONFIGS = {"BN": _DEMO.format("bn"), "GN": _DEMO.format("gn"), "MABN": _DEMO.format("mabn"),
+                     "BRN": _DEMO.format("brn")}
+# The paper's warm-ups, pinned so the variant does not follow later changes of the demo config.
+_PAPER_WARMUPS = ("MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
+                  "MODEL.MABN.WARMUP_ITERS", "100", "MODEL.MABN.RENORM_WARMUP_ITERS", "1000")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One arm of the study: a demo config plus overrides, or a re-estimation of another arm."""
+
+    description: str
+    config: str = ""
+    opts: Tuple[str, ...] = ()
+    reestimate: str = ""  # name of the variant whose checkpoints get running_var re-estimated
+
+
+VARIANTS: Dict[str, Variant] = {
+    "BN": Variant("BatchNorm, batch statistics of 2 images", DEMO_NORM_CONFIGS["BN"]),
+    "GN": Variant("GroupNorm(32)", DEMO_NORM_CONFIGS["GN"]),
+    "BRN": Variant("Batch Renormalization, warm-up and ramps scaled to 2% / 20% of the schedule",
+                   DEMO_NORM_CONFIGS["BRN"]),
+    "MABN_paper_warmups": Variant("MABN, the paper's warm-ups 100 / 1000 iterations", DEMO_NORM_CONFIGS["MABN"],
+                                  _PAPER_WARMUPS),
+    "MABN_warmups_2_10": Variant("MABN, warm-ups 2% / 10% of the schedule", DEMO_NORM_CONFIGS["MABN"],
+                                 ("MODEL.MABN.WARMUP_FRACTION", "0.02", "MODEL.MABN.RENORM_WARMUP_FRACTION", "0.1")),
+    "MABN_warmups_2_20": Variant("MABN, warm-ups 2% / 20% of the schedule", DEMO_NORM_CONFIGS["MABN"],
+                                 ("MODEL.MABN.WARMUP_FRACTION", "0.02", "MODEL.MABN.RENORM_WARMUP_FRACTION", "0.2")),
+    "MABN_batch_stats": Variant("MABN with batch statistics throughout (warm-up beyond the schedule)",
+                                DEMO_NORM_CONFIGS["MABN"],
+                                ("MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
+                                 "MODEL.MABN.WARMUP_ITERS", "1000000", "MODEL.MABN.RENORM_WARMUP_ITERS", "1000000")),
+    "MABN_buffer_4": Variant("MABN, paper warm-ups, moving averages over 4 iterations", DEMO_NORM_CONFIGS["MABN"],
+                             _PAPER_WARMUPS + ("MODEL.MABN.BUFFER_SIZE", "4")),
+    "MABN_bn_heads": Variant("MABN in backbone and FPN, BN in the box and mask heads, paper warm-ups",
+                             DEMO_NORM_CONFIGS["MABN"],
+                             _PAPER_WARMUPS + ("MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_MASK_HEAD.NORM", "BN")),
+    "MABN_paper_warmups_reestimated": Variant(
+        "MABN_paper_warmups' checkpoints with running_var re-estimated from 100 training batches",
+        reestimate="MABN_paper_warmups"),
+}
+
+
+def evaluation_curve(run_dir: str) -> Dict[int, Dict[str, float]]:
+    """{iterations trained: metrics} for every evaluation in run_dir/metrics.json (empty if none)."""
+    max_iter = _max_iter(run_dir)
+    records = evaluation_records(os.path.join(run_dir, "metrics.json"), max_iter if max_iter else 2**62)
+    return {it: {key: float(r[key]) for key in METRICS} for it, r in records.items() if all(k in r for k in METRICS)}
+
+
+def _max_iter(run_dir: str) -> Optional[int]:
+    """SOLVER.MAX_ITER of the run, from the config.yaml detectron2 wrote into its directory."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
+
+
+def final_metrics(run_dir: str) -> Optional[Dict[str, float]]:
+    """The evaluation after the last iteration of a finished run, or None if it has not finished."""
+    curve = evaluation_curve(run_dir)
+    max_iter = _max_iter(run_dir)
+    if not curve or (max_iter is not None and max(curve) < max_iter):
+        return None
+    return curve[max(curve)]
+
+
+def _train(run_dir: str, variant: Variant, seed: int, eval_period: int, opts: Sequence[str], repo_root: str,
+           python: str) -> None:
+    resume = os.path.exists(os.path.join(run_dir, "last_checkpoint"))
+    command = [python, os.path.join(repo_root, "tools/train_net.py"),
+               "--config-file", os.path.join(repo_root, variant.config)]
+    command += ["--resume"] if resume else []
+    command += ["OUTPUT_DIR", run_dir, "SEED", str(seed), "SOLVER.CHECKPOINT_PERIOD", str(eval_period),
+                "TEST.EVAL_PERIOD", str(eval_period), *variant.opts, *opts]
+    subprocess.run(command, check=True, cwd=repo_root)
+
+
+def _reestimate(run_dir: str, source_dir: str, num_batches: int, python: str, repo_root: str) -> None:
+    command = [python, os.path.join(repo_root, "tools/reestimate_mabn_stats.py"), "--run-dir", source_dir,
+               "--output-dir", run_dir, "--num-batches", str(num_batches), "--all-evaluated"]
+    subprocess.run(command, check=True, cwd=repo_root)
+
+
+def run_detection_study(output_dir: str, variants: Sequence[str], seeds: Sequence[int], opts: Sequence[str] = (),
+                        eval_period: int = 300, reestimate_batches: int = 100, repo_root: str = ".",
+                        python: str = sys.executable) -> Dict[str, Dict[int, Dict[int, Dict[str, float]]]]:
+    """Run (or skip when finished) every (variant, seed); {variant: {seed: evaluation curve}}."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown study variants {unknown}; choose from {sorted(VARIANTS)}")
+    results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]] = {}
+    for name in variants:
+        variant = VARIANTS[name]
+        for seed in seeds:
+            run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
+            if variant.reestimate:
+                source_dir = os.path.join(output_dir, f"{variant.reestimate}_seed{seed}")
+                if final_metrics(source_dir) is None:
+                    raise RuntimeError(f"{name} needs the finished run {source_dir}; run {variant.reestimate} first")
+                done = os.path.exists(os.path.join(run_dir, "metrics.json")) and \
+                    set(evaluation_curve(run_dir)) >= set(evaluation_curve(source_dir))
+                if not done:
+                    start = time.time()
+                    _reestimate(run_dir, source_dir, reestimate_batches, python, repo_root)
+                    _append_wall_time(run_dir, time.time() - start)
+            elif final_metrics(run_dir) is None:
+                start = time.time()
+                _train(run_dir, variant, seed, eval_period, opts, repo_root, python)
+                if final_metrics(run_dir) is None:
+                    raise RuntimeError(f"{run_dir}: training finished without final evaluation metrics")
+                _append_wall_time(run_dir, time.time() - start)
+            results.setdefault(name, {})[seed] = evaluation_curve(run_dir)
+    return results
+
+
+def _append_wall_time(run_dir: str, seconds: float) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "wall_time.txt"), "a") as f:
+        f.write(f"{seconds:.0f}\n")
+
+
+def _final(curve: Dict[int, Dict[str, float]]) -> Dict[str, float]:
+    return curve[max(curve)]
+
+
+def results_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]]) -> str:
+    """Final metrics per variant: mean ± sample std over seeds, and the per-seed box/mask AP."""
+    rows = []
+    for name, by_seed in results.items():
+        finals = {seed: _final(curve) for seed, curve in by_seed.items() if curve}
+        row = [name, ", ".join(str(s) for s in finals)]
+        for key in METRICS:
+            values = [m[key] for m in finals.values()]
+            mean = statistics.mean(values)
+            row.append(f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}")
+        row.append("; ".join(f"{m['bbox/AP']:.1f} / {m['segm/AP']:.1f}" for m in finals.values()))
+        rows.append(row)
+    return markdown_table(["variant", "seeds", *METRICS, "per seed box / mask AP"], rows)
+
+
+def curves_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], seed: int = 0) -> str:
+    """Box / mask AP at every evaluated iteration, one row per variant (one seed)."""
+    curves = {name: by_seed[seed] for name, by_seed in results.items() if by_seed.get(seed)}
+    iterations = sorted({it for curve in curves.values() for it in curve})
+    rows = []
+    for name, curve in curves.items():
+        cells = [f"{curve[it]['bbox/AP']:.1f} / {curve[it]['segm/AP']:.1f}" if it in curve else "–"
+                 for it in iterations]
+        rows.append([name, *cells])
+    return markdown_table(["variant", *[f"it. {it}" for it in iterations]], rows)
+
+
+def training_loss_table(output_dir: str, variants: Sequence[str], seed: int = 0, windows: int = 4) -> str:
+    """Mean total_loss of each trained variant over equal windows of its schedule (one seed).
+
+    Shows whether a variant learns more slowly (higher training loss) or only evaluates worse.
+    """
+    rows, header = [], []
+    for name in variants:
+        if VARIANTS[name].reestimate:
+            continue
+        run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
+        max_iter = _max_iter(run_dir)
+        path = os.path.join(run_dir, "metrics.json")
+        if not max_iter or not os.path.exists(path):
+            continue
+        losses = []
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line) if line.strip() else {}
+                if "total_loss" in record:
+                    losses.append((int(record["iteration"]), float(record["total_loss"])))
+        edges = [round(max_iter * k / windows) for k in range(windows + 1)]
+        header = [f"it. {a}-{b}" for a, b in zip(edges, edges[1:])]
+        cells = []
+        for a, b in zip(edges, edges[1:]):
+            window = [loss for it, loss in losses if a <= it < b]
+            cells.append(f"{statistics.mean(window):.3f}" if window else "–")
+        rows.append([name, *cells])
+    return markdown_table(["variant", *header], rows)
+
+
+def plot_curves(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], path: str, seed: int = 0) -> str:
+    """One PNG: box AP and mask AP against iteration, a line per variant (one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    for name, by_seed in results.items():
+        curve = by_seed.get(seed)
+        if not curve:
+            continue
+        iterations = sorted(curve)
+        style = "--" if VARIANTS.get(name, Variant("")).reestimate else ("-" if name.startswith("MABN") else ":")
+        for ax, key in zip(axes, ("bbox/AP", "segm/AP")):
+            ax.plot(iterations, [curve[it][key] for it in iterations], style, marker="o", label=name)
+    for ax, title in zip(axes, ("box AP", "mask AP")):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} on fmnist_coco_val (seed {seed})")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path

@@ -1,0 +1,184 @@
+"""The detection study: variants, periodic evaluation curves, running_var re-estimation, warm-up warning."""
+import json
+import logging
+import os
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from mabn_d2.research.detection_study import (
+    METRICS, VARIANTS, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
+    run_detection_study, training_loss_table,
+)
+from mabn_d2.layers import MABN2d
+from mabn_d2.precise_stats import update_mabn_running_var
+from mabn_d2.research.reestimation import evaluation_records
+
+from ..conftest import REPO_ROOT
+from ..test_engine import TINY, _tiny_cfg
+
+
+def _metrics(value):
+    return dict.fromkeys(METRICS, value)
+
+
+def test_evaluation_curve_maps_detectron2_iterations_to_iterations_trained(tmp_path):
+    assert evaluation_curve(str(tmp_path)) == {} and final_metrics(str(tmp_path)) is None
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 6\n")
+    # periodic evaluations are logged at the index of the last iteration, the final one at MAX_ITER
+    lines = [{"iteration": 1, "total_loss": 3.0}, {"iteration": 2, **_metrics(1.0)}, {"iteration": 5, **_metrics(2.0)}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert evaluation_curve(str(tmp_path)) == {3: _metrics(1.0), 6: _metrics(2.0)}
+    assert final_metrics(str(tmp_path)) == _metrics(2.0)
+    with open(tmp_path / "metrics.json", "w") as f:
+        for record in lines[:2] + [{"iteration": 6, **_metrics(4.0)}]:
+            f.write(json.dumps(record) + "\n")
+    assert evaluation_curve(str(tmp_path)) == {3: _metrics(1.0), 6: _metrics(4.0)}
+    assert set(evaluation_records(str(tmp_path / "metrics.json"), 6)) == {3, 6}
+
+
+def test_unfinished_run_has_no_final_metrics(tmp_path):
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 9\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 2, **_metrics(1.0)}) + "\n")
+    assert evaluation_curve(str(tmp_path)) == {3: _metrics(1.0)}
+    assert final_metrics(str(tmp_path)) is None
+
+
+def test_tables_report_mean_std_per_seed_and_curves(tmp_path):
+    results = {"MABN": {0: {3: _metrics(5.0), 6: _metrics(10.0)}, 1: {3: _metrics(6.0), 6: _metrics(20.0)}},
+               "BN": {0: {3: _metrics(7.0), 6: _metrics(10.0)}}}
+    table = results_table(results)
+    assert "| MABN | 0, 1 | 15.0 ± 7.1 |" in table and "10.0 / 10.0; 20.0 / 20.0 |" in table
+    assert "| BN | 0 | 10.0 | 10.0 |" in table  # no spread from one seed
+    curves = curves_table(results, seed=0)
+    assert "| variant | it. 3 | it. 6 |" in curves and "| MABN | 5.0 / 5.0 | 10.0 / 10.0 |" in curves
+    path = plot_curves(results, str(tmp_path / "curves.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_name_existing_configs_and_sources():
+    for name, variant in VARIANTS.items():
+        if variant.reestimate:
+            assert variant.reestimate in VARIANTS and not variant.config, name
+        else:
+            assert os.path.exists(os.path.join(REPO_ROOT, variant.config)), name
+            assert len(variant.opts) % 2 == 0, name
+    with pytest.raises(ValueError, match="unknown study variants"):
+        run_detection_study("unused", ["MABN_typo"], [0])
+
+
+class _TwoLayerNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm1 = MABN2d(3, buffer_size=2, warmup_iters=0, renorm_warmup_iters=0)
+        self.norm2 = MABN2d(3, buffer_size=2, warmup_iters=0, renorm_warmup_iters=0)
+
+    def forward(self, x):
+        return self.norm2(torch.relu(self.norm1(self.conv(x))) * 2.0 + 1.0)
+
+
+def test_update_mabn_running_var_averages_the_training_second_moment():
+    torch.manual_seed(0)
+    model = _TwoLayerNet().double()
+    model.train()
+    for _ in range(5):  # a trained state: counters past the warm-ups, filled ring buffers
+        model(torch.randn(2, 2, 5, 5, dtype=torch.float64)).sum().backward()
+    batches = [torch.randn(2, 2, 5, 5, dtype=torch.float64) * (i + 1) for i in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # independent expectation: replay the same training-mode forwards on a copy, by hand
+    reference = _TwoLayerNet().double()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    chi2_1, chi2_2 = [], []
+    with torch.no_grad():
+        for x in batches:
+            h = reference.conv(x)
+            chi2_1.append((h ** 2).mean(dim=(0, 2, 3)))
+            h2 = torch.relu(reference.norm1(h)) * 2.0 + 1.0
+            chi2_2.append((h2 ** 2).mean(dim=(0, 2, 3)))
+            reference.norm2(h2)
+
+    assert update_mabn_running_var(model, batches, num_iters=4) == 2
+    torch.testing.assert_close(model.norm1.running_var, torch.stack(chi2_1).mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(model.norm2.running_var, torch.stack(chi2_2).mean(0), rtol=1e-12, atol=0)
+    for key, value in model.state_dict().items():  # nothing but running_var changed
+        if not key.endswith("running_var"):
+            assert torch.equal(value, before[key]), key
+    assert model.norm1.iteration == 5 and model.training
+
+
+def test_update_mabn_running_var_skips_non_finite_batches_per_channel():
+    layer = MABN2d(2)
+    layer.running_var.fill_(7.0)
+    good = torch.ones(1, 2, 2, 2) * 3.0
+    bad = good.clone()
+    bad[0, 1, 0, 0] = float("nan")
+    update_mabn_running_var(nn.Sequential(layer), [good, bad], num_iters=2)
+    torch.testing.assert_close(layer.running_var, torch.tensor([9.0, 9.0]))  # channel 1 from the good batch only
+    assert update_mabn_running_var(nn.Sequential(nn.ReLU()), [good], num_iters=1) == 0
+    with pytest.raises(ValueError, match="num_iters"):
+        update_mabn_running_var(nn.Sequential(layer), [good], num_iters=0)
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("fractions, warns", [(("-1.0", "-1.0"), True), (("0.02", "0.1"), False)])
+def test_trainer_warns_when_renormalization_starts_late(demo_datasets_dir, tmp_path, fractions, warns):
+    from mabn_d2.engine import MABNTrainer
+
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "900", "MODEL.MABN.WARMUP_FRACTION", fractions[0],
+                    "MODEL.MABN.RENORM_WARMUP_FRACTION", fractions[1])
+    capture = _Capture()
+    logger = logging.getLogger("mabn_d2.engine")
+    logger.addHandler(capture)
+    try:
+        MABNTrainer(cfg)
+    finally:
+        logger.removeHandler(capture)
+    warned = [m for m in capture.messages if "re-normalization starts after iteration" in m]
+    assert bool(warned) == warns, capture.messages
+
+
+@pytest.mark.slow
+def test_study_runs_variants_with_curves_then_skips_finished_runs(demo_datasets_dir, tmp_path, monkeypatch):
+    opts = TINY + ["SOLVER.MAX_ITER", "4"]
+    variants = ["MABN_warmups_2_10", "MABN_paper_warmups", "MABN_paper_warmups_reestimated"]
+    results = run_detection_study(str(tmp_path), variants, [0], opts, eval_period=2, reestimate_batches=2,
+                                  repo_root=REPO_ROOT)
+    for name in variants:
+        assert sorted(results[name][0]) == [2, 4], name  # evaluated at iteration 2 and at the end
+        assert set(results[name][0][4]) == set(METRICS)
+    reestimated = os.path.join(str(tmp_path), "MABN_paper_warmups_reestimated_seed0", "metrics.json")
+    with open(reestimated) as f:
+        sources = [json.loads(line)["reestimated_from"] for line in f if line.strip()]
+    assert [os.path.basename(s) for s in sources] == ["model_0000001.pth", "model_final.pth"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    assert run_detection_study(str(tmp_path), variants, [0], opts, eval_period=2, repo_root=REPO_ROOT) == results
+
+
+def test_training_loss_table_averages_windows_of_the_schedule(tmp_path):
+    run = tmp_path / "BN_seed0"
+    run.mkdir()
+    (run / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 8\n")
+    records = [{"iteration": i, "total_loss": float(i)} for i in range(8)] + [{"iteration": 7, **_metrics(1.0)}]
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    table = training_loss_table(str(tmp_path), ["BN", "GN", "MABN_paper_warmups_reestimated"])
+    assert "| variant | it. 0-2 | it. 2-4 | it. 4-6 | it. 6-8 |" in table
+    assert "| BN | 0.500 | 2.500 | 4.500 | 6.500 |" in table
+    assert "GN" not in table and "reestimated" not in table  # no run / no training of its own
