@@ -1,7 +1,7 @@
 """Record the batch statistics that BN uses in its forward and backward pass, per layer and iteration.
 
 MABN's premise is that at small batches four batch statistics are noisy: mu_B and sigma2_B in
-the forward, g_B and Psi_B in the backward (mabn-algorithm.md). `BatchStatsRecorder` measures
+the forward, g_B and Psi_B in the backward (docs/algorithm.md). `BatchStatsRecorder` measures
 them on any model's norm layers with hooks, without changing training, so the noise can be
 plotted and quantified (`relative_fluctuation`). It syncs with the host on every step: it is a
 diagnostics tool, not something to leave attached to a training run.

@@ -145,9 +145,9 @@ def conv_norm(conv: type, in_channels: int, out_channels: int, kernel_size: int,
               stride: int = 1) -> Conv2d:
     """A bias-free conv of class `conv` followed by `norm` (detectron2 style: the norm is `conv.norm`).
 
-    The norm is attached after construction so the conv class is exactly the one asked for:
-    importing mabn_d2 makes any detectron2 Conv2d *built* with an MABN norm centralize itself,
-    and the ablations here need plain convs in front of MABN-style layers.
+    The norm is attached after construction and no `prepare_mabn_model` pass runs on these
+    models, so the conv class is exactly the one asked for: CenteredConv2d where the study wants
+    weight centralization, a plain Conv2d where an ablation needs one in front of MABN.
     """
     layer = conv(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
     layer.norm = norm

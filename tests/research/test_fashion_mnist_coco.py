@@ -265,13 +265,6 @@ def test_register_missing_dataset(tmp_path, dataset_names):
         register_fashion_mnist_coco(tmp_path / "nothing", names=dataset_names)
 
 
-def test_cli(tmp_path, capsys):
-    assert fmc.main(["--output-dir", str(tmp_path / "cli"), "--num-train", "3", "--num-val", "2", "--seed", "7"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["num_train"] == 3 and out["num_val"] == 2 and out["created"] is True
-    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["arguments"]["seed"] == 7
-
-
 # --------------------------------------------------------------------------- #
 # Interrupted builds
 # --------------------------------------------------------------------------- #

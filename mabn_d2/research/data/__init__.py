@@ -1,7 +1,6 @@
-"""Datasets for MABN demos and tests (offline, deterministic).
+"""Offline datasets for the demo, the studies and the tests (deterministic, nothing downloaded).
 
-Names are imported lazily so ``python -m mabn_d2.research.data.fashion_mnist_coco``
-does not import the module twice (runpy warning) and importing the package stays cheap.
+Names are imported lazily, so importing the package stays cheap.
 """
 
 from typing import Any

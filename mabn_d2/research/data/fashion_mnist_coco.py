@@ -18,14 +18,11 @@ Guarantees:
   described by ``manifest.json`` so reruns are cheap no-ops and mismatched
   reruns fail loudly instead of silently mixing datasets.
 
-Command line::
-
-    python -m mabn_d2.research.data.fashion_mnist_coco --output-dir datasets/fmnist_coco
+The demo and tools/train_net.py build it on first use (``register_demo_datasets``).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
@@ -55,7 +52,6 @@ __all__ = [
     "load_fashion_mnist",
     "build_fashion_mnist_coco",
     "register_fashion_mnist_coco",
-    "main",
 ]
 
 # Stable name even under `python -m` (where __name__ == "__main__").
@@ -388,14 +384,6 @@ def _result(root: Path, manifest: Dict[str, Any], created: bool) -> Dict[str, An
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_existing(root: Path, arguments: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Validate an existing output dir; return its manifest if it matches, ``None`` if it is empty."""
     manifest_path = _paths(root)["manifest"]
@@ -421,14 +409,6 @@ def _check_existing(root: Path, arguments: Dict[str, Any]) -> Optional[Dict[str,
             f"A Fashion-MNIST COCO dataset with different arguments already exists at {root} ({diffs}). "
             "Choose another output_dir (or delete the existing one)."
         )
-    # Cheap integrity check: annotation files must be the ones the manifest describes.
-    for rel in ("annotations/train.json", "annotations/val.json"):
-        path = root / rel
-        if not path.is_file() or _sha256_file(path) != manifest["files"].get(rel):
-            raise ValueError(
-                f"{path} is missing or differs from {manifest_path}; the dataset at {root} was modified. "
-                "Delete it or choose another output_dir."
-            )
     return manifest
 
 
@@ -522,7 +502,6 @@ def build_fashion_mnist_coco(
             "arguments": arguments,
             "counts": counts,
             "content_sha256": content.hexdigest(),
-            "files": {k: files[k] for k in ("annotations/train.json", "annotations/val.json")},
             "source": {src: list(_SOURCE_FILES[src]) for src in sorted(sources)},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -592,43 +571,3 @@ def register_fashion_mnist_coco(
         register_coco_instances(name, metadata, json_file, image_root)
         logger.info("Registered dataset %s -> %s", name, json_file)
     return (names[0], names[1])
-
-
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point: build the dataset and print a JSON summary of the result."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="dataset directory to create (write-once)")
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--canvas-size", type=int, default=128)
-    parser.add_argument("--min-objects", type=int, default=2)
-    parser.add_argument("--max-objects", type=int, default=6)
-    parser.add_argument(
-        "--source-dir", default=None, help=f"Fashion-MNIST IDX dir (default: ${FASHION_MNIST_DIR_ENV} or {FASHION_MNIST_DIR})"
-    )
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers and not logger.handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s")
-    try:
-        result = build_fashion_mnist_coco(
-            args.output_dir,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            seed=args.seed,
-            canvas_size=args.canvas_size,
-            source_dir=args.source_dir,
-            min_objects=args.min_objects,
-            max_objects=args.max_objects,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
