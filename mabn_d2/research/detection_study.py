@@ -12,6 +12,7 @@ train/eval mismatch from what the weights learned.
 """
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -74,10 +75,26 @@ VARIANTS: Dict[str, Variant] = {
 
 
 def evaluation_curve(run_dir: str) -> Dict[int, Dict[str, float]]:
-    """{iterations trained: metrics} for every evaluation in run_dir/metrics.json (empty if none)."""
+    """{iterations trained: metrics} for every evaluation in run_dir/metrics.json (empty if none).
+
+    An evaluation where the model detected nothing counts as AP 0, which it is: detectron2's
+    COCOEvaluator then logs NaN box metrics and no mask metrics at all.
+    """
     max_iter = _max_iter(run_dir)
     records = evaluation_records(os.path.join(run_dir, "metrics.json"), max_iter if max_iter else 2**62)
-    return {it: {key: float(r[key]) for key in METRICS} for it, r in records.items() if all(k in r for k in METRICS)}
+    curve = {}
+    for it, record in records.items():
+        if all(k in record for k in METRICS):
+            curve[it] = {key: float(record[key]) for key in METRICS}
+        elif _detected_nothing(record):
+            curve[it] = {key: 0.0 for key in METRICS}
+    return curve
+
+
+def _detected_nothing(record: Dict) -> bool:
+    box = [record.get(key) for key in METRICS if key.startswith("bbox/")]
+    return all(v is not None and math.isnan(float(v)) for v in box) and not any(
+        math.isfinite(float(record[key])) for key in METRICS if key.startswith("segm/") and key in record)
 
 
 def _max_iter(run_dir: str) -> Optional[int]:

@@ -40,6 +40,14 @@ def test_evaluation_curve_maps_detectron2_iterations_to_iterations_trained(tmp_p
     assert set(evaluation_records(str(tmp_path / "metrics.json"), 6)) == {3, 6}
 
 
+def test_an_evaluation_without_detections_counts_as_zero_ap(tmp_path):
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 6\n")
+    nothing = {"bbox/AP": float("nan"), "bbox/AP50": float("nan")}  # what COCOEvaluator logs then
+    lines = [{"iteration": 2, **nothing}, {"iteration": 6, **_metrics(2.0)}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert evaluation_curve(str(tmp_path)) == {3: _metrics(0.0), 6: _metrics(2.0)}
+
+
 def test_unfinished_run_has_no_final_metrics(tmp_path):
     (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 9\n")
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 2, **_metrics(1.0)}) + "\n")
