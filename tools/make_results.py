@@ -102,13 +102,18 @@ def detection_section(detection_dir: Path) -> List[str]:
     if (detection_dir / "ap_curves.png").exists():
         lines += [f"![AP against iteration]({_copy_figure(detection_dir / 'ap_curves.png', 'detection_ap_curves.png')})",
                   ""]
-    # code_commit.txt: the commit the study ran from when that was a fixed checkout, not this one
+    # code_commit.txt in a run's folder (written by the study), else in the study's folder (the
+    # fixed checkout the study ran from), else the commit the run's log was written at
     pinned = detection_dir / "code_commit.txt"
     walls = []
     for run in sorted(p for p in detection_dir.iterdir() if (p / "wall_time.txt").exists()):
         seconds = sum(float(x) for x in (run / "wall_time.txt").read_text().split())
         log = run / "log.txt"
-        commit = pinned.read_text().strip() if pinned.exists() else (_commit_at(log) if log.exists() else "–")
+        own = run / "code_commit.txt"
+        if own.exists():
+            commit = own.read_text().strip()
+        else:
+            commit = pinned.read_text().strip() if pinned.exists() else (_commit_at(log) if log.exists() else "–")
         walls.append([run.name, f"{seconds / 60:.1f}", commit])
     for run in sorted(detection_dir.glob("*/NOTE.txt")):
         lines += [f"{run.parent.name}: {run.read_text().strip()}", ""]

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from ..atomic_io import atomic_write
+from ..atomic_io import atomic_write, atomic_write_text
 from .benchmarking import markdown_table
 from .reestimation import evaluation_records
 
@@ -117,9 +117,18 @@ def final_metrics(run_dir: str) -> Optional[Dict[str, float]]:
     return curve[max(curve)]
 
 
+def _record_commit(run_dir: str, repo_root: str) -> None:
+    """The commit of the code a run starts from, in run_dir/code_commit.txt (docs/results.md cites it)."""
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root, capture_output=True, text=True)
+    if result.returncode == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_text(os.path.join(run_dir, "code_commit.txt"), result.stdout)
+
+
 def _train(run_dir: str, variant: Variant, seed: int, eval_period: int, opts: Sequence[str], repo_root: str,
            python: str) -> None:
     resume = os.path.exists(os.path.join(run_dir, "last_checkpoint"))
+    _record_commit(run_dir, repo_root)
     command = [python, os.path.join(repo_root, "tools/train_net.py"),
                "--config-file", os.path.join(repo_root, variant.config)]
     command += ["--resume"] if resume else []

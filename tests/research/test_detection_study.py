@@ -169,6 +169,10 @@ def test_study_runs_variants_with_curves_then_skips_finished_runs(demo_datasets_
     for name in variants:
         assert sorted(results[name][0]) == [2, 4], name  # evaluated at iteration 2 and at the end
         assert set(results[name][0][4]) == set(METRICS)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the run names the commit it trained at
+        with open(os.path.join(str(tmp_path), "MABN_warmups_2_10_seed0", "code_commit.txt")) as f:
+            assert f.read().strip() == head.stdout.strip()
     reestimated = os.path.join(str(tmp_path), "MABN_paper_warmups_reestimated_seed0", "metrics.json")
     with open(reestimated) as f:
         sources = [json.loads(line)["reestimated_from"] for line in f if line.strip()]
