@@ -195,9 +195,11 @@ def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
         return None
     return (
         f"MABN re-normalization starts after iteration {start}, {100.0 * min(start, max_iter) / max_iter:.0f}% of "
-        f"SOLVER.MAX_ITER={max_iter} (more than {100 * LONG_RENORM_WARMUP_SHARE:.0f}%): until then training and "
-        "evaluation normalize with different statistics. Size the warm-ups to the schedule with "
-        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION (e.g. 0.02 and 0.1)."
+        f"SOLVER.MAX_ITER={max_iter} (more than {100 * LONG_RENORM_WARMUP_SHARE:.0f}%): until then training "
+        "normalizes with batch statistics or short moving averages and evaluation with running_var, a slower EMA. "
+        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION size the warm-ups to the schedule, but "
+        "shorter is not always better: moving averages that start while the learning rate still warms up trained "
+        "worse on a short schedule (docs/algorithm.md, 'Sizing the warm-ups to the schedule')."
     )
 
 
