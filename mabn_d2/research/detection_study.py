@@ -26,7 +26,7 @@ from .reestimation import evaluation_records
 
 __all__ = [
     "Variant", "VARIANTS", "DEMO_NORM_CONFIGS", "METRICS", "evaluation_curve", "final_metrics",
-    "run_detection_study", "results_table", "curves_table", "plot_curves", "training_loss_table",
+    "run_detection_study", "collect_results", "results_table", "curves_table", "plot_curves", "training_loss_table",
 ]
 
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
@@ -175,6 +175,21 @@ def run_detection_study(output_dir: str, variants: Sequence[str], seeds: Sequenc
     return results
 
 
+def collect_results(output_dir: str, variants: Sequence[str], seeds: Sequence[int]
+                    ) -> Dict[str, Dict[int, Dict[int, Dict[str, float]]]]:
+    """{variant: {seed: evaluation curve}} of the finished runs among (variants x seeds); trains nothing."""
+    results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]] = {}
+    for name in variants:
+        for seed in seeds:
+            run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
+            source = VARIANTS[name].reestimate
+            finished = (final_metrics(os.path.join(output_dir, f"{source}_seed{seed}")) is not None and
+                        bool(evaluation_curve(run_dir))) if source else final_metrics(run_dir) is not None
+            if finished:
+                results.setdefault(name, {})[seed] = evaluation_curve(run_dir)
+    return results
+
+
 def _append_wall_time(run_dir: str, seconds: float) -> None:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "wall_time.txt"), "a") as f:
@@ -212,33 +227,37 @@ def curves_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], see
     return markdown_table(["variant", *[f"it. {it}" for it in iterations]], rows)
 
 
-def training_loss_table(output_dir: str, variants: Sequence[str], seed: int = 0, windows: int = 4) -> str:
-    """Mean total_loss of each trained variant over equal windows of its schedule (one seed).
+def training_loss_table(output_dir: str, variants: Sequence[str], seed: int = 0, windows: int = 4,
+                        edges: Optional[Sequence[int]] = None, seeds: Optional[Sequence[int]] = None) -> str:
+    """Mean total_loss of each trained run over windows of its schedule: `windows` equal ones, or
+    between the iterations in `edges` (e.g. the LR warm-up, the MABN phases); one row per run of
+    `seeds` (default: `seed` only).
 
     Shows whether a variant learns more slowly (higher training loss) or only evaluates worse.
     """
     rows, header = [], []
-    for name in variants:
+    runs = [(name, s) for name in variants for s in (seeds if seeds is not None else [seed])]
+    for name, run_seed in runs:
         if VARIANTS[name].reestimate:
             continue
-        run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
+        run_dir = os.path.join(output_dir, f"{name}_seed{run_seed}")
         max_iter = _max_iter(run_dir)
         path = os.path.join(run_dir, "metrics.json")
-        if not max_iter or not os.path.exists(path):
-            continue
+        if not max_iter or not os.path.exists(path) or final_metrics(run_dir) is None:
+            continue  # not started or not finished
         losses = []
         with open(path) as f:
             for line in f:
                 record = json.loads(line) if line.strip() else {}
                 if "total_loss" in record:
                     losses.append((int(record["iteration"]), float(record["total_loss"])))
-        edges = [round(max_iter * k / windows) for k in range(windows + 1)]
-        header = [f"it. {a}-{b}" for a, b in zip(edges, edges[1:])]
+        bounds = list(edges) if edges else [round(max_iter * k / windows) for k in range(windows + 1)]
+        header = [f"it. {a}-{b}" for a, b in zip(bounds, bounds[1:])]
         cells = []
-        for a, b in zip(edges, edges[1:]):
+        for a, b in zip(bounds, bounds[1:]):
             window = [loss for it, loss in losses if a <= it < b]
             cells.append(f"{statistics.mean(window):.3f}" if window else "–")
-        rows.append([name, *cells])
+        rows.append([name if seeds is None else f"{name} (seed {run_seed})", *cells])
     return markdown_table(["variant", *header], rows)
 
 

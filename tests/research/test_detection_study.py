@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mabn_d2.research.detection_study import (
-    METRICS, VARIANTS, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
+    METRICS, VARIANTS, collect_results, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
     run_detection_study, training_loss_table,
 )
 from mabn_d2.layers import MABN2d
@@ -183,6 +183,7 @@ def test_study_runs_variants_with_curves_then_skips_finished_runs(demo_datasets_
 
     monkeypatch.setattr(subprocess, "run", no_training)
     assert run_detection_study(str(tmp_path), variants, [0], opts, eval_period=2, repo_root=REPO_ROOT) == results
+    assert collect_results(str(tmp_path), variants + ["BN"], [0, 1]) == results  # finished runs only
 
 
 def test_training_loss_table_averages_windows_of_the_schedule(tmp_path):
@@ -195,6 +196,14 @@ def test_training_loss_table_averages_windows_of_the_schedule(tmp_path):
     assert "| variant | it. 0-2 | it. 2-4 | it. 4-6 | it. 6-8 |" in table
     assert "| BN | 0.500 | 2.500 | 4.500 | 6.500 |" in table
     assert "GN" not in table and "reestimated" not in table  # no run / no training of its own
+    unfinished = tmp_path / "BN_seed1"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 8\n")
+    (unfinished / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 9.0}) + "\n")
+    table = training_loss_table(str(tmp_path), ["BN"], edges=[0, 1, 8], seeds=[0, 1])
+    assert "| variant | it. 0-1 | it. 1-8 |" in table
+    assert "| BN (seed 0) | 0.000 | 4.000 |" in table
+    assert "seed 1" not in table  # not finished
 
 
 def test_trace_losses_is_reproducible_for_a_seed_and_moves_with_it(demo_datasets_dir):
