@@ -106,15 +106,16 @@ def detection_section(detection_dir: Path) -> List[str]:
     # fixed checkout the study ran from), else the commit the run's log was written at
     pinned = detection_dir / "code_commit.txt"
     walls = []
-    for run in sorted(p for p in detection_dir.iterdir() if (p / "wall_time.txt").exists()):
-        seconds = sum(float(x) for x in (run / "wall_time.txt").read_text().split())
+    for run in sorted(p for p in detection_dir.iterdir() if (p / "metrics.json").exists()):
+        wall = run / "wall_time.txt"
+        minutes = f"{sum(float(x) for x in wall.read_text().split()) / 60:.1f}" if wall.exists() else "–"
         log = run / "log.txt"
         own = run / "code_commit.txt"
         if own.exists():
             commit = own.read_text().strip()
         else:
             commit = pinned.read_text().strip() if pinned.exists() else (_commit_at(log) if log.exists() else "–")
-        walls.append([run.name, f"{seconds / 60:.1f}", commit])
+        walls.append([run.name, minutes, commit])
     for run in sorted(detection_dir.glob("*/NOTE.txt")):
         lines += [f"{run.parent.name}: {run.read_text().strip()}", ""]
     if walls:

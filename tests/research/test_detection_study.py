@@ -220,3 +220,28 @@ def test_trace_losses_is_reproducible_for_a_seed_and_moves_with_it(demo_datasets
     assert len(first) == 2 and all(math.isfinite(loss) for loss in first)
     assert first == again
     assert first != other_seed
+
+
+def test_results_section_names_each_runs_commit_and_wall_time(tmp_path):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("make_results", os.path.join(REPO_ROOT, "tools/make_results.py"))
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(os.path.join(REPO_ROOT, "tools"))
+    (tmp_path / "results.md").write_text("the study's tables\n")
+    for name, wall, commit in (("BN_seed0", "600\n120\n", "abc1234"), ("GN_seed0", None, "def5678")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.json").write_text("{}\n")
+        (run / "code_commit.txt").write_text(commit + "\n")
+        if wall:
+            (run / "wall_time.txt").write_text(wall)
+    text = "\n".join(tool.detection_section(tmp_path))
+    assert "the study's tables" in text
+    assert "| BN_seed0 | 12.0 | abc1234 |" in text
+    assert "| GN_seed0 | – | def5678 |" in text
