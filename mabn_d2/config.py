@@ -8,13 +8,12 @@ loading (deprecated) for configs written before the EMA rates got distinct names
 detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
 through `mabn_d2.registry` (which reads them while `build_model` runs).
 """
-import math
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from detectron2.config import CfgNode as CN
 
-from .layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS, Hyperparameter
+from .layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS, Hyperparameter, is_finite_number
 
 __all__ = [
     "add_mabn_config",
@@ -31,8 +30,7 @@ LONG_RENORM_WARMUP_SHARE = 0.1
 
 
 def _fraction_or_off(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value == -1 or 0.0 <= value <= 1.0)
+    return is_finite_number(value) and (value == -1 or 0.0 <= value <= 1.0)
 
 
 # Keys that exist only in the config: they size the warm-ups from the schedule and resolve into

@@ -36,7 +36,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -45,17 +45,17 @@ def _non_negative_int(value: Any) -> bool:
 
 
 def _positive(value: Any) -> bool:
-    return _is_number(value) and value > 0.0
+    return is_finite_number(value) and value > 0.0
 
 
 def _at_least_one(value: Any) -> bool:
-    return _is_number(value) and value >= 1.0
+    return is_finite_number(value) and value >= 1.0
 
 
 MABN_HYPERPARAMETERS: Tuple[Hyperparameter, ...] = (
     Hyperparameter("buffer_size", 16, lambda v: _is_int(v) and v >= 1, "must be an integer >= 1",
                    "iterations averaged by the simple moving averages of chi2_B and Psi_B (ring-buffer length m)"),
-    Hyperparameter("ema_decay", 0.98, lambda v: _is_number(v) and 0.0 <= v < 1.0, "must be in [0, 1)",
+    Hyperparameter("ema_decay", 0.98, lambda v: is_finite_number(v) and 0.0 <= v < 1.0, "must be in [0, 1)",
                    "share of the old running_var kept at each update of its EMA"),
     Hyperparameter("warmup_iters", 100, _non_negative_int, "must be an integer >= 0",
                    "iterations normalized by the batch statistics themselves before the moving averages take over"),
@@ -68,10 +68,10 @@ MABN_HYPERPARAMETERS: Tuple[Hyperparameter, ...] = (
 
 BRN_HYPERPARAMETERS: Tuple[Hyperparameter, ...] = (
     Hyperparameter("eps", 1e-5, _positive, "must be > 0", "added to the variance before the square root"),
-    Hyperparameter("ema_update_rate", 0.01, lambda v: _is_number(v) and 0.0 < v <= 1.0, "must be in (0, 1]",
+    Hyperparameter("ema_update_rate", 0.01, lambda v: is_finite_number(v) and 0.0 < v <= 1.0, "must be in (0, 1]",
                    "share of the new batch statistic in each update of the running averages (torch's momentum)"),
     Hyperparameter("r_max", 3.0, _at_least_one, "must be >= 1", "final clip of the std correction r to [1/r_max, r_max]"),
-    Hyperparameter("d_max", 5.0, lambda v: _is_number(v) and v >= 0.0, "must be >= 0",
+    Hyperparameter("d_max", 5.0, lambda v: is_finite_number(v) and v >= 0.0, "must be >= 0",
                    "final clip of the mean correction d to [-d_max, d_max]"),
     Hyperparameter("warmup_iters", 5000, _non_negative_int, "must be an integer >= 0",
                    "iterations of plain BN (r = 1, d = 0) before the limits start to ramp up"),
