@@ -173,13 +173,18 @@ class MABNTrainer(DefaultTrainer):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        dataset = SeededStreamDataset(dicts, DatasetMapper(cfg, True), seed)
+        dataset = SeededStreamDataset(dicts, self.build_train_mapper(cfg), seed)
         sampler = StreamPositionSampler()
         if self._stream_dataset is None:  # the training loader; later calls (PreciseBN) build others
             self._stream_dataset, self._stream_sampler = dataset, sampler
         # A loader-owned generator: creating the loader iterator must not draw from the global
         # torch RNG, whose state a resumed run restores from the checkpoint.
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=_identity, seed=seed)
+
+    @classmethod
+    def build_train_mapper(cls, cfg: CfgNode) -> DatasetMapper:
+        """The training mapper; a subclass hook for extra augmentations that keeps the exact stream."""
+        return DatasetMapper(cfg, True)
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)

@@ -136,7 +136,8 @@ class SpecMABN:
             raw = s / (self.running_var + self.eps).sqrt()
             r = raw.clamp(1.0 / self.clip, self.clip)
             self.clipped += int((raw != r).sum())
-        self.running_var = self.ema_decay * self.running_var + (1 - self.ema_decay) * chi2
+        decay = self.ema_decay if self.t > 1 else 0.0  # the first statistic initializes running_var
+        self.running_var = decay * self.running_var + (1 - decay) * chi2
         z = x / _view(s)
         g = dy * _view(gamma * r)
         psi_batch = (g * z).mean(DIMS)

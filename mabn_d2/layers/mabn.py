@@ -41,8 +41,14 @@ class MABN2d(MovingAverageNorm):
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d")
+        phase = self._next_phase()
+        # The first training iteration sets running_var to the statistic it used (decay 0), as the
+        # official classification code does: an EMA started from the initial 1 would still carry
+        # 0.98^t of that 1 when re-normalization starts. The counter is in the state, so resume
+        # and load stay exact.
+        ema_decay = self.ema_decay if phase.iteration > 1 else 0.0
         return (TritonMABNFunction if triton else MABNFunction).apply(
-            x, *state, self._next_phase(), self.ema_decay, self.eps, self.renorm_clip
+            x, *state, phase, ema_decay, self.eps, self.renorm_clip
         )
 
     def _load_from_state_dict(

@@ -45,7 +45,8 @@ class ReferenceMABN:
                 raw = s / math.sqrt(self.running_var[c] + self.eps)
                 r = min(max(raw, 1.0 / self.clip), self.clip)
                 self.clipped += raw != r
-            self.running_var[c] = self.ema_decay * self.running_var[c] + (1 - self.ema_decay) * chi2
+            decay = self.ema_decay if self.t > 1 else 0.0  # the first statistic initializes running_var
+            self.running_var[c] = decay * self.running_var[c] + (1 - decay) * chi2
             y[:, c] = float(gamma[c]) * (r * z) + float(beta[c])
             g_z = dyc * float(gamma[c]) * r
             psi_b = float((g_z * z).mean())
@@ -361,3 +362,32 @@ def test_frozen_affine_parameters_get_no_gradient_and_the_input_gradient_is_unch
         assert (layer.bias.grad is None) == frozen
         torch.testing.assert_close(layer.weight.grad, (dy * x / (x.pow(2).mean((0, 2, 3), keepdim=True) + layer.eps).sqrt()).sum((0, 2, 3)))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_first_iteration_initializes_running_var_from_the_statistic_it_used():
+    layer = MABN2d(3).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64) * torch.tensor([0.05, 1.0, 7.0], dtype=torch.float64).view(1, 3, 1, 1)
+    layer(x.requires_grad_()).sum().backward()
+    torch.testing.assert_close(layer.running_var, x.detach().pow(2).mean((0, 2, 3)), rtol=1e-12, atol=0)
+    # From iteration 2 on it is the EMA again: decay 0.98 of the old value.
+    x2 = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    old = layer.running_var.clone()
+    layer(x2.requires_grad_()).sum().backward()
+    torch.testing.assert_close(layer.running_var, 0.98 * old + 0.02 * x2.detach().pow(2).mean((0, 2, 3)),
+                               rtol=1e-12, atol=0)
+
+
+def test_resume_after_the_first_iteration_continues_exactly():
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3)]
+    straight = MABN2d(3, buffer_size=2, warmup_iters=2, renorm_warmup_iters=2).double()
+    for x in inputs:
+        straight(x.clone().requires_grad_()).sum().backward()
+    first = MABN2d(3, buffer_size=2, warmup_iters=2, renorm_warmup_iters=2).double()
+    first(inputs[0].clone().requires_grad_()).sum().backward()
+    resumed = MABN2d(3, buffer_size=2, warmup_iters=2, renorm_warmup_iters=2).double()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for x in inputs[1:]:
+        resumed(x.clone().requires_grad_()).sum().backward()
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
