@@ -595,13 +595,15 @@ def test_freeze_at_2_turns_mabn_into_frozen_bn_and_keeps_centralized_convs():
         eval_out = stem_res2(bottom_up, x)
     assert torch.equal(train_out, eval_out)
 
+    # Control: a live MABN differs between modes. Eval first, since the first training iteration
+    # sets running_var to the statistic it used, which would make eval match train on this x.
     unfrozen = build_model(small_resnet_cfg("MABN", 0)).backbone.bottom_up
     with torch.no_grad():
-        unfrozen.train()
-        train_out = stem_res2(unfrozen, x)
         unfrozen.eval()
         eval_out = stem_res2(unfrozen, x)
-    assert not torch.allclose(train_out, eval_out)  # control: a live MABN differs between modes
+        unfrozen.train()
+        train_out = stem_res2(unfrozen, x)
+    assert not torch.allclose(train_out, eval_out)
 
 
 def test_freezing_keeps_mabn_statistics_and_eval_function():

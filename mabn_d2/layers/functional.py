@@ -46,6 +46,16 @@ def mabn_phase(
     )
 
 
+def running_var_decay(ema_decay: float, phase: MABNPhase) -> float:
+    """EMA decay for running_var in this iteration: 0 at the first, so it starts from data.
+
+    As in the official classification code: an EMA started from the initial 1 would still carry
+    ema_decay^t of that 1 when re-normalization starts. The iteration counter is in the state,
+    so resume and load stay exact.
+    """
+    return ema_decay if phase.iteration > 1 else 0.0
+
+
 def mabn_inference(
     x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:

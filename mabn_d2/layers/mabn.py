@@ -3,7 +3,7 @@ import torch
 
 from .backend import use_triton
 from .base import MovingAverageNorm
-from .functional import MABNFunction, mabn_inference
+from .functional import MABNFunction, mabn_inference, running_var_decay
 from .triton_mabn import TritonMABNFunction, triton_mabn_unsupported_reason
 
 __all__ = ["MABN2d"]
@@ -42,13 +42,8 @@ class MABN2d(MovingAverageNorm):
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d")
         phase = self._next_phase()
-        # The first training iteration sets running_var to the statistic it used (decay 0), as the
-        # official classification code does: an EMA started from the initial 1 would still carry
-        # 0.98^t of that 1 when re-normalization starts. The counter is in the state, so resume
-        # and load stay exact.
-        ema_decay = self.ema_decay if phase.iteration > 1 else 0.0
         return (TritonMABNFunction if triton else MABNFunction).apply(
-            x, *state, phase, ema_decay, self.eps, self.renorm_clip
+            x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
         )
 
     def _load_from_state_dict(

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from ..layers.base import MovingAverageNorm
 from ..layers.channel_ops import accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products
-from ..layers.functional import MABNFunction, MABNPhase, channel_view, keep_finite
+from ..layers.functional import MABNFunction, MABNPhase, channel_view, keep_finite, running_var_decay
 from ..layers.mabn import MABN2d
 
 __all__ = ["MABNForwardOnly2d", "MABNCentered2d", "centered_mabn_inference"]
@@ -51,9 +51,10 @@ class MABNForwardOnly2d(MABN2d):
         self._check_input(x)
         if not self.training or x.numel() == 0:
             return super().forward(x)
+        phase = self._next_phase()
         return _ForwardOnlyFunction.apply(
             x, self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer,
-            self._next_phase(), self.ema_decay, self.eps, self.renorm_clip,
+            phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip,
         )
 
 
@@ -174,8 +175,9 @@ class MABNCentered2d(MovingAverageNorm):
         self._check_input(x)
         if not self.training or x.numel() == 0:
             return centered_mabn_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        phase = self._next_phase()
         return CenteredMABNFunction.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.mean_buffer,
-            self.x2_buffer, self.grad_mean_buffer, self.gz_buffer, self._next_phase(), self.ema_decay, self.eps,
-            self.renorm_clip,
+            self.x2_buffer, self.grad_mean_buffer, self.gz_buffer, phase,
+            running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip,
         )

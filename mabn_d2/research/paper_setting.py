@@ -52,7 +52,8 @@ __all__ = ["Arm", "ARMS", "ReplicaNormStates", "MicroBatchTrainer", "VirtualGPUT
 logger = logging.getLogger(__name__)
 
 _DEMO = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_{}.yaml"
-NORM_TYPES = (nn.modules.batchnorm._NormBase, HostIterationCounter)
+# Layers whose buffers hold per-replica normalization state (SyncBatchNorm is not a BatchNorm2d).
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, HostIterationCounter)
 # Layers whose chi2 lag the study reports by name (R-18 FPN demo model), plus the median over all.
 CHI2_LAYERS = {
     "stem": "backbone.bottom_up.stem.conv1.norm",
@@ -111,9 +112,9 @@ class ReplicaNormStates:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.modules = [m for m in model.modules() if isinstance(m, NORM_TYPES) and any(
-            b is not None for b in m._buffers.values())]
+            True for _ in m.named_buffers(recurse=False))]
         self._buffers: List[List[Dict[str, torch.Tensor]]] = [
-            [{n: b for n, b in m._buffers.items() if b is not None} for m in self.modules]]
+            [dict(m.named_buffers(recurse=False)) for m in self.modules]]
         self._iterations: List[List[int]] = [[getattr(m, "_iteration", 0) for m in self.modules]]
         for _ in range(1, replicas):
             self._buffers.append([{n: b.clone() for n, b in state.items()} for state in self._buffers[0]])
@@ -129,7 +130,8 @@ class ReplicaNormStates:
             if hasattr(m, "_iteration"):
                 self._iterations[self.active][i] = m._iteration
                 m._iteration = self._iterations[k][i]
-            m._buffers.update(self._buffers[k][i])
+            for name, buffer in self._buffers[k][i].items():
+                setattr(m, name, buffer)  # a registered buffer name: Module.__setattr__ swaps it
         self.active = k
 
     @contextlib.contextmanager

@@ -119,8 +119,9 @@ class ReferenceCentered:
             raw = s / (self.running_var + self.eps).sqrt()
             r = raw.clamp(1 / self.clip, self.clip)
             self.clipped += int((raw != r).sum())
-        self.running_mean = self.ema_decay * self.running_mean + (1 - self.ema_decay) * mu
-        self.running_var = self.ema_decay * self.running_var + (1 - self.ema_decay) * var
+        decay = self.ema_decay if self.t > 1 else 0.0  # the first iteration starts the EMAs from data
+        self.running_mean = decay * self.running_mean + (1 - decay) * mu
+        self.running_var = decay * self.running_var + (1 - decay) * var
         x_hat = (x - _view(mu)) / _view(s)
         y = _view(gamma * r) * x_hat + _view(beta)
         g = dy * _view(gamma * r)
