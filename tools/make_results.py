@@ -1,87 +1,105 @@
 #!/usr/bin/env python
-"""Assemble docs/results.md from the result files the study tools wrote.
+"""Assemble docs/results.md and its figures from the committed results/ folder alone.
 
-Tables and figures are copied from the tools' outputs (no number is typed by hand); the
-commit, versions and wall times are read from those outputs and this checkout. The reading of
-the results is the hand-written docs/results_reading.md, included verbatim.
+No number is typed by hand, and nothing is read from the ignored output/: a checkout with
+results/ regenerates the same document.
 
-  python tools/make_results.py --study output/small_batch_study --batch-stats output/batch_stats \
-      --detection output/detection_study --demo output/demo_mabn --benchmarks output/benchmarks
+  results/small_batch_study/section.md, *.png   section 1, as tools/small_batch_study.py rendered it
+  results/batch_stats/section.md, *.png         section 2, as tools/plot_batch_stats.py's output rendered it
+  results/detection_study/<run>.json, command.txt, reading.md   section 3, tables and curves rendered here
+  results/benchmarks/section.md                 section 4, the benchmark scripts' tables
+  results/paper_setting/<run>.json, command.txt, reading.md     section 5, table rendered here
+docs/results_reading.md is the hand-written reading, included verbatim at the top.
+
+  python tools/make_results.py                       # regenerate docs/results.md
+  python tools/make_results.py --import-study output/small_batch_study   # refresh a committed section
+  python tools/make_results.py --import-batch-stats output/batch_stats
+Detection and paper-setting records are written into results/ by their study tools.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-import detectron2
-import torch
-
 from mabn_d2.atomic_io import atomic_write_text
 from mabn_d2.research.benchmarking import markdown_table
+from mabn_d2.research.detection_report import detection_report, plot_records
+from mabn_d2.research.paper_setting_report import paper_setting_table
+from mabn_d2.research.run_records import load_records
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "results"
 STATS = ("mu_B", "sigma2_B", "g_B", "Psi_B")
+# committed section folder -> prefix of its figures' names in docs/
+FIGURE_PREFIX = {"small_batch_study": "study_", "batch_stats": ""}
 
 
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=DOCS.parent).stdout.strip()
+                              check=True, cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def _commit_at(log: Path) -> str:
-    """The commit checked out when a detectron2 run started (first timestamp of its log.txt)."""
-    import datetime
-    import re
-
-    match = re.search(r"\[(\d\d)/(\d\d) (\d\d:\d\d:\d\d)", log.read_text())
-    if not match:
-        return "unknown"
-    year = datetime.date.fromtimestamp(log.stat().st_mtime).year
-    when = f"{year}-{match.group(1)}-{match.group(2)} {match.group(3)}"
-    try:
-        out = subprocess.run(["git", "rev-list", "-1", f"--before={when}", "HEAD"], capture_output=True,
-                             text=True, check=True, cwd=DOCS.parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out[:7] or "unknown"
+def _optional_text(path: Path, wrap: str = "{}") -> List[str]:
+    return [wrap.format(path.read_text().strip()), ""] if path.exists() else []
 
 
-def _command(result_dir: Path) -> List[str]:
-    """The command line saved beside the results (command.txt), if any."""
-    path = result_dir / "command.txt"
-    return [f"Command: `{path.read_text().strip()}`", ""] if path.exists() else []
+def committed_section(folder: Path, docs: Path) -> List[str]:
+    """A section committed as rendered markdown; its figures are copied into docs/ under prefixed names."""
+    text = (folder / "section.md").read_text().strip()
+    prefix = FIGURE_PREFIX.get(folder.name, folder.name + "_")
+    for png in sorted(folder.glob("*.png")):
+        shutil.copyfile(png, docs / f"{prefix}{png.name}")
+        text = text.replace(f"]({png.name})", f"]({prefix}{png.name})")
+    return [text, ""]
 
 
-def _copy_figure(source: Path, name: str) -> str:
-    shutil.copyfile(source, DOCS / name)
-    return name
+def detection_section(folder: Path, docs: Path) -> List[str]:
+    records = load_records(str(folder))
+    plot_records(records, str(docs / "detection_ap_curves.png"))
+    return ["## 3. Detection: the demo's Mask R-CNN, norms and MABN settings", "",
+            *_optional_text(folder / "command.txt", "Command: `{}`"),
+            detection_report(records), "", "![AP against iteration](detection_ap_curves.png)", "",
+            *_optional_text(folder / "reading.md")]
 
 
-def study_section(study_dir: Path) -> List[str]:
+def paper_setting_section(folder: Path) -> List[str]:
+    records = load_records(str(folder))
+    settings = sorted({r.get("setting", "") for r in records} - {""})
+    commits = sorted({r["commit"] for r in records if r["commit"]})
+    return ["## 5. Paper setting in one process: 8 virtual GPUs x 2 images (SGD batch 16)", "",
+            *(f"Setting: {s}." for s in settings), f"Trained at commit(s) {', '.join(commits)}.", "",
+            *_optional_text(folder / "intro.md"), paper_setting_table(records), "",
+            *_optional_text(folder / "reading.md"), *_optional_text(folder / "command.txt", "Reproduce: `{}`")]
+
+
+# ----------------------------------------------------------------------- importing fresh tool outputs
+def import_study(study_dir: Path, folder: Path) -> None:
+    """Render tools/small_batch_study.py's output into the committed section 1."""
     commits = sorted({json.loads(p.read_text()).get("git_commit", "unknown")[:7]
                       for p in study_dir.glob("*_seed*.json")})
-    lines = ["## 1. Small-batch study: Fashion-MNIST classification", "", *_command(study_dir),
-             f"Runs trained at commit(s) {', '.join(commits)}.", ""]
-    # the study's own results.md links its figure by a name docs/ does not use: the copy is linked below
     text = "\n".join(line for line in (study_dir / "results.md").read_text().strip().splitlines()
                      if "](accuracy_curves.png)" not in line)
-    lines += [text, ""]
+    lines = ["## 1. Small-batch study: Fashion-MNIST classification", "",
+             *_optional_text(study_dir / "command.txt", "Command: `{}`"),
+             f"Runs trained at commit(s) {', '.join(commits)}.", "", text, ""]
+    folder.mkdir(parents=True, exist_ok=True)
     if (study_dir / "accuracy_curves.png").exists():
-        lines += [f"![test accuracy curves]({_copy_figure(study_dir / 'accuracy_curves.png', 'study_accuracy_curves.png')})", ""]
-    return lines
+        shutil.copyfile(study_dir / "accuracy_curves.png", folder / "accuracy_curves.png")
+        lines += ["![test accuracy curves](accuracy_curves.png)", ""]
+    atomic_write_text(str(folder / "section.md"), "\n".join(lines))
 
 
-def batch_stats_section(stats_dir: Path) -> List[str]:
+def import_batch_stats(stats_dir: Path, folder: Path) -> None:
+    """Render tools/plot_batch_stats.py's fluctuation.json into the committed section 2."""
     fluctuation = json.loads((stats_dir / "fluctuation.json").read_text())
-    lines = ["## 2. Batch statistics at normalization batch 2 vs 32", "", *_command(stats_dir),
-             "Fluctuation of each statistic around its moving average (second half of training; relative = "
-             "mean |s - SMA| / mean |SMA|; absolute as a ratio to BN(32)):", ""]
     labels = list(fluctuation)
     reference = "BN(32)" if "BN(32)" in fluctuation else labels[0]
     rows = []
@@ -90,74 +108,60 @@ def batch_stats_section(stats_dir: Path) -> List[str]:
             rows.append([label, layer] + [f"{values[s]['relative']:.3f}" for s in STATS]
                         + [f"{values[s]['absolute'] / fluctuation[reference][layer][s]['absolute']:.2f}" for s in STATS])
     header = ["norm", "layer"] + [f"rel. {s}" for s in STATS] + [f"abs. {s} / {reference}" for s in STATS]
-    lines += [markdown_table(header, rows), ""]
+    lines = ["## 2. Batch statistics at normalization batch 2 vs 32", "",
+             *_optional_text(stats_dir / "command.txt", "Command: `{}`"),
+             "Fluctuation of each statistic around its moving average (second half of training; relative = "
+             "mean |s - SMA| / mean |SMA|; absolute as a ratio to BN(32)):", "", markdown_table(header, rows), ""]
+    folder.mkdir(parents=True, exist_ok=True)
     for png in sorted(stats_dir.glob("batch_stats_*.png")):
-        lines += [f"![batch statistics]({_copy_figure(png, png.name)})", ""]
-    return lines
+        shutil.copyfile(png, folder / png.name)
+        lines += [f"![batch statistics]({png.name})", ""]
+    atomic_write_text(str(folder / "section.md"), "\n".join(lines))
 
 
-def detection_section(detection_dir: Path) -> List[str]:
-    lines = ["## 3. Detection: the demo's Mask R-CNN, norms and MABN settings", "", *_command(detection_dir),
-             (detection_dir / "results.md").read_text().strip(), ""]
-    if (detection_dir / "ap_curves.png").exists():
-        lines += [f"![AP against iteration]({_copy_figure(detection_dir / 'ap_curves.png', 'detection_ap_curves.png')})",
-                  ""]
-    # code_commit.txt in a run's folder (written by the study), else in the study's folder (the
-    # fixed checkout the study ran from), else the commit the run's log was written at
-    pinned = detection_dir / "code_commit.txt"
-    walls = []
-    for run in sorted(p for p in detection_dir.iterdir() if (p / "metrics.json").exists()):
-        wall = run / "wall_time.txt"
-        minutes = f"{sum(float(x) for x in wall.read_text().split()) / 60:.1f}" if wall.exists() else "–"
-        log = run / "log.txt"
-        own = run / "code_commit.txt"
-        if own.exists():
-            commit = own.read_text().strip()
-        else:
-            commit = pinned.read_text().strip() if pinned.exists() else (_commit_at(log) if log.exists() else "–")
-        walls.append([run.name, minutes, commit])
-    for run in sorted(detection_dir.glob("*/NOTE.txt")):
-        lines += [f"{run.parent.name}: {run.read_text().strip()}", ""]
-    if walls:
-        lines += ["Wall time per run (training + evaluations, several runs sharing the 2 cores) and the commit "
-                  "it started at:", "", markdown_table(["run", "minutes", "commit"], walls), ""]
-    return lines
+def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") -> str:
+    """docs/results.md from results/ (every section whose folder exists), written atomically."""
+    import detectron2
+    import torch
 
-
-def text_section(title: str, path: Path) -> List[str]:
-    return [f"## {title}", "", "```", path.read_text().strip(), "```", ""]
+    docs = output.parent
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = ["# Results", "",
+             f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the committed metrics and "
+             f"tool outputs in results/ (torch {torch.__version__}, detectron2 {detectron2.__version__}). "
+             "Each section says the commit its runs trained at.", ""]
+    lines += _optional_text(docs / "results_reading.md")
+    if (results / "small_batch_study" / "section.md").exists():
+        lines += committed_section(results / "small_batch_study", docs)
+    if (results / "batch_stats" / "section.md").exists():
+        lines += committed_section(results / "batch_stats", docs)
+    if list((results / "detection_study").glob("*_seed*.json")):
+        lines += detection_section(results / "detection_study", docs)
+    if (results / "benchmarks" / "section.md").exists():
+        lines += committed_section(results / "benchmarks", docs)
+    if list((results / "paper_setting").glob("*_seed*.json")):
+        lines += paper_setting_section(results / "paper_setting")
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+    atomic_write_text(str(output), text)
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", type=Path)
-    parser.add_argument("--batch-stats", type=Path)
-    parser.add_argument("--detection", type=Path)
-    parser.add_argument("--benchmarks", type=Path, help="directory with *.txt outputs of tools/benchmark_*.py")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the committed results folder")
     parser.add_argument("--output", type=Path, default=DOCS / "results.md")
+    parser.add_argument("--import-study", type=Path, help="a tools/small_batch_study.py output dir to commit")
+    parser.add_argument("--import-batch-stats", type=Path, help="a tools/plot_batch_stats.py output dir to commit")
     args = parser.parse_args(argv)
-    DOCS.mkdir(exist_ok=True)
-    lines = ["# Results", "",
-             f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the outputs of the "
-             f"committed tools (torch {torch.__version__}, detectron2 {detectron2.__version__}, "
-             f"{os.cpu_count()} CPU cores, no GPU).", ""]
-    reading = DOCS / "results_reading.md"
-    if reading.exists():
-        lines += [reading.read_text().strip(), ""]
-    if args.study:
-        lines += study_section(args.study)
-    if args.batch_stats:
-        lines += batch_stats_section(args.batch_stats)
-    if args.detection:
-        lines += detection_section(args.detection)
-    if args.benchmarks:
-        for path in sorted(args.benchmarks.glob("*.txt")):
-            lines += text_section(f"Benchmark: {path.stem}", path)
-    text = "\n".join(lines)
-    atomic_write_text(str(args.output), text)
+    if args.import_study:
+        import_study(args.import_study, args.results / "small_batch_study")
+    if args.import_batch_stats:
+        import_batch_stats(args.import_batch_stats, args.results / "batch_stats")
+    text = make_results(args.results, args.output)
     print(f"wrote {args.output}")
     return text
 
 
 if __name__ == "__main__":
+    os.chdir(ROOT)
     main()
