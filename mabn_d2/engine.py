@@ -24,7 +24,7 @@ from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
-from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
+from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config, warmup_order_message
 from .train_stream import SeededStreamDataset, StreamPositionSampler
 from .evaluation import build_evaluator_for_dataset
 from .layers import BatchRenorm2d, MABN2d
@@ -109,9 +109,9 @@ class MABNTrainer(DefaultTrainer):
             super().__init__(cfg)
         self.checkpointer.add_checkpointable("training_stream", TrainingStreamState(self._stream_dataset))
         if any(isinstance(m, MABN2d) for m in self.model.modules()):
-            message = long_renorm_warmup_message(cfg)
-            if message:
-                logger.warning(message)
+            for message in (long_renorm_warmup_message(cfg), warmup_order_message(cfg)):
+                if message:
+                    logger.warning(message)
 
     def train(self):
         """Train, then return the final evaluation results (DefaultTrainer drops them).

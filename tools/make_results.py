@@ -7,6 +7,7 @@ results/ regenerates the same document.
   results/small_batch_study/section.md, *.png   section 1, as tools/small_batch_study.py rendered it
   results/batch_stats/section.md, *.png         section 2, as tools/plot_batch_stats.py's output rendered it
   results/detection_study/<run>.json, command.txt, reading.md   section 3, tables and curves rendered here
+  results/detection_long_schedule/<run>.json   section 3.1 (GPU, 3,000 iterations)
   results/benchmarks/section.md                 section 4, the benchmark scripts' tables
   results/paper_setting/<run>.json, command.txt, reading.md     section 5, table rendered here
 docs/results_reading.md is the hand-written reading, included verbatim at the top.
@@ -27,7 +28,7 @@ from typing import List, Optional
 
 from mabn_d2.atomic_io import atomic_write_text
 from mabn_d2.research.benchmarking import markdown_table
-from mabn_d2.research.detection_report import detection_report, plot_records
+from mabn_d2.research.detection_report import curves_table_all, detection_report, plot_records
 from mabn_d2.research.paper_setting_report import paper_setting_table
 from mabn_d2.research.run_records import load_records
 
@@ -68,6 +69,13 @@ def detection_section(folder: Path, docs: Path) -> List[str]:
             *_optional_text(folder / "command.txt", "Command: `{}`"),
             detection_report(records), "", "![AP against iteration](detection_ap_curves.png)", "",
             *_optional_text(folder / "reading.md")]
+
+
+def long_schedule_section(folder: Path) -> List[str]:
+    records = load_records(str(folder))
+    sources = sorted({r["source"] for r in records})
+    return ["### 3.1 The same task on a 3,000-iteration schedule", "",
+            f"One seed per variant; {'; '.join(sources)}.", "", curves_table_all(records, min_evaluations=1), ""]
 
 
 def paper_setting_section(folder: Path) -> List[str]:
@@ -130,13 +138,15 @@ def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") ->
              f"Assembled at commit `{_git_commit()}` by `tools/make_results.py` from the committed metrics and "
              f"tool outputs in results/ (torch {torch.__version__}, detectron2 {detectron2.__version__}). "
              "Each section says the commit its runs trained at.", ""]
-    lines += _optional_text(docs / "results_reading.md")
+    lines += _optional_text(DOCS / "results_reading.md")  # hand-written, always the checkout's
     if (results / "small_batch_study" / "section.md").exists():
         lines += committed_section(results / "small_batch_study", docs)
     if (results / "batch_stats" / "section.md").exists():
         lines += committed_section(results / "batch_stats", docs)
     if list((results / "detection_study").glob("*_seed*.json")):
         lines += detection_section(results / "detection_study", docs)
+    if list((results / "detection_long_schedule").glob("*_seed*.json")):
+        lines += long_schedule_section(results / "detection_long_schedule")
     if (results / "benchmarks" / "section.md").exists():
         lines += committed_section(results / "benchmarks", docs)
     if list((results / "paper_setting").glob("*_seed*.json")):

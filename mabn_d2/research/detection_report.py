@@ -48,9 +48,9 @@ def final_table(records: Sequence[Dict]) -> str:
     return markdown_table(["variant", "seeds", *RECORD_METRICS, "per seed box / mask AP"], rows)
 
 
-def curves_table_all(records: Sequence[Dict]) -> str:
-    """Box / mask AP at every evaluated iteration, a row per run that was evaluated more than once."""
-    runs = [r for r in records if len(r["curve"]) > 1]
+def curves_table_all(records: Sequence[Dict], min_evaluations: int = 2) -> str:
+    """Box / mask AP at every evaluated iteration, a row per run evaluated at least `min_evaluations` times."""
+    runs = [r for r in records if len(r["curve"]) >= min_evaluations]
     iterations = sorted({it for r in runs for it in r["curve"]})
     rows = [[f"{r['variant']} (seed {r['seed']})",
              *[f"{r['curve'][it]['bbox/AP']:.1f} / {r['curve'][it]['segm/AP']:.1f}" if it in r["curve"] else "–"

@@ -245,3 +245,23 @@ def test_results_section_names_each_runs_commit_and_wall_time(tmp_path):
     assert "the study's tables" in text
     assert "| BN_seed0 | 12.0 | abc1234 |" in text
     assert "| GN_seed0 | – | def5678 |" in text
+
+
+@pytest.mark.parametrize("warmups, warns", [(("9", "45"), True), (("100", "1000"), False)])
+def test_trainer_logs_one_warning_when_warmups_are_out_of_order(demo_datasets_dir, tmp_path, warmups, warns):
+    from mabn_d2.engine import MABNTrainer
+
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "450", "SOLVER.WARMUP_ITERS", "50",
+                    "MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
+                    "MODEL.MABN.WARMUP_ITERS", warmups[0], "MODEL.MABN.RENORM_WARMUP_ITERS", warmups[1])
+    capture = _Capture()
+    logger = logging.getLogger("mabn_d2.engine")
+    logger.addHandler(capture)
+    try:
+        MABNTrainer(cfg)
+    finally:
+        logger.removeHandler(capture)
+    warned = [m for m in capture.messages if "warm-ups out of order" in m]
+    assert len(warned) == (1 if warns else 0), capture.messages
+    if warns:
+        assert "SOLVER.WARMUP_ITERS=50" in warned[0] and "MODEL.MABN.RENORM_WARMUP_ITERS" in warned[0]
