@@ -55,7 +55,7 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
             f"{_mean_std([m['bbox/AP'] for m in finals])} / {_mean_std([m['segm/AP'] for m in finals])}",
             "; ".join(f"{m['bbox/AP']:.1f} / {m['segm/AP']:.1f}" for m in finals),
             "; ".join(f"{m['bbox/AP']:.1f} / {m['segm/AP']:.1f}" for m in mids) or "–",
-            (f"{statistics.mean(losses):.3f} (steps {edges[0]}-{edges[1]})" if losses else "–"),
+            (f"{statistics.mean(losses):.3f} (steps {edges[-2]}-{edges[-1]})" if losses else "–"),
             lag_cell + (f" [seed {runs[0]['seed']}]" if lag and len(runs) > 1 else ""),
         ])
     return markdown_table(["arm", "seeds", "final box / mask AP", "per seed", "mid-schedule box / mask AP",
