@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .triton_launch import (
     arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for,
-    unsupported_input_reason,
+    unsupported_input_reason, launch_guard,
 )
 
 __all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
@@ -44,19 +44,20 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         if x.numel() == 0:
             raise ValueError("TritonBatchRenormFunction needs a non-empty batch")
         kernels = kernel_module("triton_brn_kernels")
-        n, c, h, w = x.shape
-        count = n * h * w
-        plan, channels_last = plan_reduction_for(x)
-        partials = torch.empty((2, plan.num_splits, c), dtype=running_var.dtype, device=x.device)
-        stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
-        kernels.forward_statistics_kernel[plan.grid](
-            x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
-            stats, c, h * w, count, plan.num_tiles, plan.num_splits,
-            ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
-            LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            BLOCK_S=plan.block_s,
-        )
-        y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
+        with launch_guard(x.device):
+            n, c, h, w = x.shape
+            count = n * h * w
+            plan, channels_last = plan_reduction_for(x)
+            partials = torch.empty((2, plan.num_splits, c), dtype=running_var.dtype, device=x.device)
+            stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
+            kernels.forward_statistics_kernel[plan.grid](
+                x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
+                stats, c, h * w, count, plan.num_tiles, plan.num_splits,
+                ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
+                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+                BLOCK_S=plan.block_s,
+            )
+            y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
         ctx.save_for_backward(x, stats)
         return y
 
@@ -66,19 +67,20 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         kernels = kernel_module("triton_brn_kernels")
         x, stats = ctx.saved_tensors
         grad_out = matching_layout(grad_out, x)
-        n, c, h, w = x.shape
-        plan, channels_last = plan_reduction_for(x)
-        partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
-        grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
-        kernels.backward_statistics_kernel[plan.grid](
-            grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
-            c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
-            CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-        )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = launch_channel_affine(
-                grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
-                scale_b=grads[kernels.GRADS_X_COEF],
+        with launch_guard(x.device):
+            n, c, h, w = x.shape
+            plan, channels_last = plan_reduction_for(x)
+            partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
+            grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
+            kernels.backward_statistics_kernel[plan.grid](
+                grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
+                c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
+                CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
             )
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = launch_channel_affine(
+                    grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
+                    scale_b=grads[kernels.GRADS_X_COEF],
+                )
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None

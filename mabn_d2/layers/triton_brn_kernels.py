@@ -11,7 +11,11 @@ import triton.language as tl
 
 from .triton_common import arrive_last, clip, exact_div, exact_sqrt, partial_channel_sums, total_of_partials
 
-__all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
+__all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS"]
+
+# Integers that change with the batch (image size, ROI count, ring slot): Triton would otherwise
+# specialize on them (== 1, divisible by 16) and compile a new variant mid-training.
+SIZE_ARGS = ["HW", "count", "num_tiles", "num_splits"]
 
 # Rows of the per-channel tensor the forward hands to the backward ([STATS_ROWS, C]).
 STATS_SCALE, STATS_SHIFT, STATS_MEAN, STATS_INVSTD, STATS_R, STATS_D, STATS_ROWS = 0, 1, 2, 3, 4, 5, 6
@@ -28,7 +32,7 @@ def _lerp(start, end, weight, one_minus_weight, FROM_END: tl.constexpr):
         return start + weight * (end - start)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def forward_statistics_kernel(
     x_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, partials_ptr, counters_ptr, stats_ptr,
     C, HW, count, num_tiles, num_splits,
@@ -86,7 +90,7 @@ def forward_statistics_kernel(
         tl.store(counters_ptr + pid_c, 0)  # ready for the next launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def backward_statistics_kernel(
     grad_ptr, x_ptr, stats_ptr, partials_ptr, counters_ptr, grads_ptr, C, HW, count, num_tiles, num_splits,
     CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,

@@ -124,7 +124,7 @@ def total_of_partials(
     return tl.sum(total, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "row_len"])
 def channel_affine_kernel(
     a_ptr, b_ptr, scale_a_ptr, scale_b_ptr, shift_ptr, out_ptr, rows, row_len, C,
     HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, CHANNELS_LAST: tl.constexpr,

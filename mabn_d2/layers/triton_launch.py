@@ -3,6 +3,7 @@
 Launch shapes are pure functions of the tensor shape, cached, so a training step spends
 little Python on them; nothing here reads a tensor's values (no host synchronisation).
 """
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -14,7 +15,7 @@ import torch
 __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
-    "launch_channel_affine", "plan_reduction_for", "matching_layout",
+    "launch_channel_affine", "plan_reduction_for", "matching_layout", "launch_guard",
 ]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,10 +79,14 @@ def _next_power_of_2(n: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def reduction_plan(n: int, c: int, hw: int, channels_last: bool, sms: int, tuning: LaunchTuning) -> ReductionPlan:
-    """Tiles of about `reduce_tile` elements; channel blocks split to fill `sms` SMs."""
+    """Tiles of about `reduce_tile` elements; channel blocks split to fill `sms` SMs.
+
+    Block shapes (Triton constexprs, one compiled variant each) depend on C and H*W only, never
+    on N: the ROI heads' batch changes every iteration and must not trigger compiles.
+    """
     if channels_last:
         block_c = min(_next_power_of_2(c), tuning.max_channel_block)
-        block_r = max(1, min(tuning.reduce_tile // block_c, _next_power_of_2(n * hw)))
+        block_r = max(1, tuning.reduce_tile // block_c)
         num_tiles = _cdiv(n * hw, block_r)
     else:
         block_r = min(_next_power_of_2(hw), tuning.reduce_tile)
@@ -90,7 +95,7 @@ def reduction_plan(n: int, c: int, hw: int, channels_last: bool, sms: int, tunin
     channel_blocks = _cdiv(c, block_c)
     wanted = _cdiv(tuning.programs_per_sm * sms, channel_blocks)
     num_splits = max(1, min(wanted, num_tiles, MAX_GRID_Y))
-    block_s = max(1, min(_next_power_of_2(num_splits), tuning.epilogue_rows, tuning.reduce_tile // block_c))
+    block_s = max(1, min(tuning.epilogue_rows, tuning.reduce_tile // block_c))
     return ReductionPlan(block_r, block_c, channel_blocks, num_tiles, num_splits, block_s)
 
 
@@ -106,10 +111,11 @@ def _ring_block(buffer_size: int, block_c: int, tuning: LaunchTuning) -> int:
 
 @functools.lru_cache(maxsize=512)
 def elementwise_plan(n: int, c: int, hw: int, channels_last: bool, tuning: LaunchTuning) -> ElementwisePlan:
-    """The tensor as a [rows, row_len] matrix, tiles of about `elementwise_tile` elements."""
+    """The tensor as a [rows, row_len] matrix, tiles of about `elementwise_tile` elements (block
+    shapes independent of N, as in `reduction_plan`)."""
     rows, row_len = (n * hw, c) if channels_last else (n * c, hw)
     block_k = min(_next_power_of_2(row_len), tuning.elementwise_tile)
-    block_m = max(1, min(tuning.elementwise_tile // block_k, _next_power_of_2(rows)))
+    block_m = max(1, tuning.elementwise_tile // block_k)
     return ElementwisePlan(rows, row_len, block_m, block_k)
 
 
@@ -118,6 +124,16 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # Triton's CPU interpreter
+
+
+def launch_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current for the launches in the block.
+
+    Triton launches on torch.cuda.current_device() and that device's current stream, not on the
+    tensors' device; under this guard both are the ones PyTorch uses for the layer's tensors
+    (a model on cuda:1 while cuda:0 is current computes on cuda:1).
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

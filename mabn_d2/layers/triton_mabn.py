@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from .functional import MABNPhase
 from .triton_launch import (
     arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, ring_block,
-    unsupported_input_reason,
+    unsupported_input_reason, launch_guard,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -50,19 +50,20 @@ class TritonMABNFunction(torch.autograd.Function):
         if x.numel() == 0:
             raise ValueError("TritonMABNFunction needs a non-empty batch (MABN2d answers an empty one in eval form)")
         kernels = kernel_module("triton_mabn_kernels")
-        n, c, h, w = x.shape
-        plan, channels_last = plan_reduction_for(x)
-        partials = torch.empty((plan.num_splits, c), dtype=running_var.dtype, device=x.device)
-        stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
-        kernels.forward_statistics_kernel[plan.grid](
-            x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
-            c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
-            ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
-            CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-            RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-            BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),
-        )
-        y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias)
+        with launch_guard(x.device):
+            n, c, h, w = x.shape
+            plan, channels_last = plan_reduction_for(x)
+            partials = torch.empty((plan.num_splits, c), dtype=running_var.dtype, device=x.device)
+            stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
+            kernels.forward_statistics_kernel[plan.grid](
+                x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
+                c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
+                ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
+                CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
+                RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+                BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),
+            )
+            y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias)
         ctx.save_for_backward(x, weight, stats)
         ctx.gz_buffer = gz_buffer
         ctx.phase = phase
@@ -77,20 +78,21 @@ class TritonMABNFunction(torch.autograd.Function):
         phase: MABNPhase = ctx.phase
         gz_buffer: torch.Tensor = ctx.gz_buffer
         grad_out = matching_layout(grad_out, x)
-        n, c, h, w = x.shape
-        plan, channels_last = plan_reduction_for(x)
-        partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
-        grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
-        kernels.backward_statistics_kernel[plan.grid](
-            grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
-            c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
-            CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-            BLOCK_RING=ring_block(gz_buffer.shape[0], plan.block_c),
-        )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = launch_channel_affine(
-                grad_out, stats[kernels.STATS_ALPHA], None, b=x, scale_b=grads[kernels.GRADS_X_COEF]
+        with launch_guard(x.device):
+            n, c, h, w = x.shape
+            plan, channels_last = plan_reduction_for(x)
+            partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
+            grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
+            kernels.backward_statistics_kernel[plan.grid](
+                grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
+                c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
+                CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+                BLOCK_RING=ring_block(gz_buffer.shape[0], plan.block_c),
             )
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = launch_channel_affine(
+                    grad_out, stats[kernels.STATS_ALPHA], None, b=x, scale_b=grads[kernels.GRADS_X_COEF]
+                )
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None, None

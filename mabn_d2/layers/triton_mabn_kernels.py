@@ -14,7 +14,11 @@ from .triton_common import (
     arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials,
 )
 
-__all__ = ["forward_statistics_kernel", "backward_statistics_kernel"]
+__all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS"]
+
+# Integers that change with the batch (image size, ROI count, ring slot): Triton would otherwise
+# specialize on them (== 1, divisible by 16) and compile a new variant mid-training.
+SIZE_ARGS = ["HW", "count", "num_tiles", "num_splits", "slot"]
 
 # Rows of the per-channel tensor the forward hands to the backward ([STATS_ROWS, C]).
 STATS_ALPHA, STATS_INVSTD, STATS_R, STATS_CHI2, STATS_ROWS = 0, 1, 2, 3, 4
@@ -45,7 +49,7 @@ def _ring_buffer_statistic(
     return statistic
 
 
-@triton.jit(do_not_specialize=["slot"])
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def forward_statistics_kernel(
     x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, partials_ptr, counters_ptr, stats_ptr,
     C, HW, count, num_tiles, num_splits, slot, buffer_size,
@@ -93,7 +97,7 @@ def forward_statistics_kernel(
         tl.store(counters_ptr + pid_c, 0)  # ready for the next launch
 
 
-@triton.jit(do_not_specialize=["slot"])
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def backward_statistics_kernel(
     grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, partials_ptr, counters_ptr, grads_ptr,
     C, HW, count, num_tiles, num_splits, slot, buffer_size, eps: tl.float64,
