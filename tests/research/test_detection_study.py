@@ -222,29 +222,31 @@ def test_trace_losses_is_reproducible_for_a_seed_and_moves_with_it(demo_datasets
     assert first != other_seed
 
 
-def test_results_section_names_each_runs_commit_and_wall_time(tmp_path):
+def test_results_doc_is_rendered_from_a_results_folder_alone(tmp_path):
+    """tools/make_results.py: committed sections verbatim (figures copied), records rendered with commit and wall."""
     import importlib.util
-    import sys
 
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    try:
-        spec = importlib.util.spec_from_file_location("make_results", os.path.join(REPO_ROOT, "tools/make_results.py"))
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-    finally:
-        sys.path.remove(os.path.join(REPO_ROOT, "tools"))
-    (tmp_path / "results.md").write_text("the study's tables\n")
-    for name, wall, commit in (("BN_seed0", "600\n120\n", "abc1234"), ("GN_seed0", None, "def5678")):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "metrics.json").write_text("{}\n")
-        (run / "code_commit.txt").write_text(commit + "\n")
-        if wall:
-            (run / "wall_time.txt").write_text(wall)
-    text = "\n".join(tool.detection_section(tmp_path))
-    assert "the study's tables" in text
-    assert "| BN_seed0 | 12.0 | abc1234 |" in text
-    assert "| GN_seed0 | – | def5678 |" in text
+    from mabn_d2.research.run_records import write_record
+
+    spec = importlib.util.spec_from_file_location("make_results", os.path.join(REPO_ROOT, "tools/make_results.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results = tmp_path / "results"
+    (results / "small_batch_study").mkdir(parents=True)
+    (results / "small_batch_study" / "section.md").write_text("## 1. Study\n\nthe tables\n\n![c](accuracy_curves.png)\n")
+    (results / "small_batch_study" / "accuracy_curves.png").write_bytes(b"png")
+    for variant, wall, commit in (("BN", 12.0, "abc1234"), ("GN", None, "def5678")):
+        write_record(str(results / "detection_study"), {
+            "study": "detection_study", "variant": variant, "seed": 0, "description": "d",
+            "curve": {"4": {key: 10.0 for key in METRICS}}, "loss_windows": None, "commit": commit,
+            "wall_minutes": wall, "config_opts": [], "source": "test"})
+    text = tool.make_results(results, tmp_path / "docs" / "results.md")
+    assert "the tables" in text and "![c](study_accuracy_curves.png)" in text
+    assert (tmp_path / "docs" / "study_accuracy_curves.png").read_bytes() == b"png"
+    assert "| BN_seed0 | 12.0 | abc1234 | test |" in text
+    assert "| GN_seed0 | – | def5678 | test |" in text
+    assert (tmp_path / "docs" / "detection_ap_curves.png").exists()
+    assert "## 5." not in text  # no paper-setting records, no section
 
 
 @pytest.mark.parametrize("warmups, warns", [(("9", "45"), True), (("100", "1000"), False)])
