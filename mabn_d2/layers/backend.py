@@ -9,16 +9,26 @@ public PyTorch operations (every device). The switch, read at every training for
   MABN_D2_BACKEND=torch   public operations everywhere
 
 `set_backend(name)` or `with use_backend(name):` override the environment from code.
+
+Before the kernels serve a (layer type, device, dtype, layout, state dtype) for the first time,
+they run a first-use check (triton_probe): every kernel variant on a tiny input, compared with
+the public path, with none of the layer's state touched. If it raises or disagrees, "auto" logs
+one warning naming the cause and uses the public path for that key from then on; "triton"
+raises with the cause.
 """
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "selected_backend", "set_backend", "use_backend", "use_triton"]
+__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "selected_backend", "set_backend", "use_backend", "use_triton",
+           "first_use_verdicts", "forget_first_use_checks"]
+
+logger = logging.getLogger(__name__)
 
 BACKEND_ENV_VAR = "MABN_D2_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
@@ -65,12 +75,53 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str) -> bool:
+def _device_reason(x: torch.Tensor, backend: str) -> Optional[str]:
+    """Why the kernels cannot run on x's device, or None: CUDA, or the CPU under the interpreter for "triton"."""
+    if x.device.type == "cuda" or (backend == "triton" and x.device.type == "cpu" and _interpreting()):
+        return None
+    return f"tensors on {x.device.type} (CUDA needed, or TRITON_INTERPRET=1 for CPU tests)"
+
+
+# (owner, device, dtype, channels_last, state dtype) -> None (the kernels passed) or the failure
+_verdicts: Dict[Tuple, Optional[str]] = {}
+
+
+def first_use_verdicts() -> Dict[Tuple, Optional[str]]:
+    """The first-use checks run so far: key -> None when the kernels passed, else the cause."""
+    return dict(_verdicts)
+
+
+def forget_first_use_checks() -> None:
+    """Run the first-use checks again on next use (tests, or after fixing the environment)."""
+    _verdicts.clear()
+
+
+def _first_use_failure(key: Tuple, probe: Callable[[], Optional[str]]) -> Optional[str]:
+    if key not in _verdicts:
+        try:
+            verdict = probe()
+        except Exception as error:  # a compile, driver or launch failure: anything the kernels raise
+            verdict = f"{type(error).__name__}: {error}"
+        _verdicts[key] = verdict
+        if verdict is not None and selected_backend() == "auto":
+            owner, device, dtype, channels_last, state_dtype = key
+            logger.warning(
+                "%s: the Triton kernels failed their first-use check on %s %s%s input (%s state): %s. "
+                "Using the public PyTorch operations for these tensors from now on (%s=torch skips the check, "
+                "%s=triton makes it an error).", owner, device, dtype, " channels_last" if channels_last else "",
+                state_dtype, verdict, BACKEND_ENV_VAR, BACKEND_ENV_VAR)
+    return _verdicts[key]
+
+
+def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str,
+               probe: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]] = None,
+               state_dtype: Optional[torch.dtype] = None) -> bool:
     """Whether this training step runs on the Triton kernels.
 
     `unsupported_reason()` says why the kernels cannot take these tensors (None: they can).
-    Under "triton" every refusal is an error naming the reason, so a comparison of the two
-    paths never silently times the same one twice.
+    `probe(x, state_dtype)` is the first-use check for the key of these tensors (run once per key).
+    Under "triton" every refusal or failed check is an error naming the reason, so a comparison
+    of the two paths never silently times the same one twice.
     """
     backend = selected_backend()
     if backend == "torch":
@@ -78,10 +129,14 @@ def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]],
     reason = None
     if not triton_installed():
         reason = "Triton is not installed"
-    elif x.device.type != "cuda" and not (backend == "triton" and x.device.type == "cpu" and _interpreting()):
-        reason = f"tensors on {x.device.type} (CUDA needed, or TRITON_INTERPRET=1 for CPU tests)"
     else:
-        reason = unsupported_reason()
+        reason = _device_reason(x, backend) or unsupported_reason()
+    if reason is None and probe is not None:
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        key = (owner, x.device, x.dtype, channels_last, state_dtype)
+        failure = _first_use_failure(key, lambda: probe(x, state_dtype))
+        if failure is not None:
+            reason = f"the first-use check against the public path failed: {failure}"
     if reason is None:
         return True
     if backend == "triton":

@@ -6,8 +6,9 @@ from .backend import use_triton
 from .base import HostIterationCounter
 from .hyperparams import BRN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 from .triton_batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
+from .triton_probe import probe_triton_batch_renorm
 
-__all__ = ["BatchRenorm2d", "renorm_limits"]
+__all__ = ["BatchRenorm2d", "renorm_limits", "batch_renorm_step"]
 
 _DEFAULTS = defaults(BRN_HYPERPARAMETERS)
 
@@ -26,6 +27,35 @@ def renorm_limits(
         return start + (final - start) * progress
 
     return ramp(r_max, 1.0, r_max_ramp_iters), ramp(d_max, 0.0, d_max_ramp_iters)
+
+
+def batch_renorm_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+    running_var: torch.Tensor, ema_update_rate: float, eps: float, r_max: float, d_max: float,
+) -> torch.Tensor:
+    """One training step on public operations (autograd differentiates it; r and d are constants).
+
+    Updates running_mean / running_var in place; a channel whose update is not finite keeps both.
+    """
+    dims = (0, 2, 3)
+    x_work = x.to(torch.promote_types(x.dtype, running_mean.dtype))  # bf16 -> f32, f64 stays
+    var_b, mean_b = torch.var_mean(x_work, dim=dims, correction=0)
+    std_b = (var_b + eps).sqrt()
+    with torch.no_grad():
+        std_run = (running_var + eps).sqrt()
+        r = (std_b / std_run).clamp(1.0 / r_max, r_max)
+        d = ((mean_b - running_mean) / std_run).clamp(-d_max, d_max)
+        count = x.numel() // x.shape[1]
+        unbiased_var = var_b * (count / max(count - 1, 1))
+        new_mean = torch.lerp(running_mean, mean_b, ema_update_rate)
+        new_var = torch.lerp(running_var, unbiased_var, ema_update_rate)
+        finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
+        running_mean.copy_(torch.where(finite, new_mean, running_mean))
+        running_var.copy_(torch.where(finite, new_var, running_var))
+    view = (1, -1, 1, 1)
+    scale = (weight * r / std_b).view(view)
+    shift = (bias + weight * (d - r * mean_b / std_b)).view(view)
+    return (x_work * scale + shift).to(x.dtype)
 
 
 class BatchRenorm2d(HostIterationCounter):
@@ -82,32 +112,16 @@ class BatchRenorm2d(HostIterationCounter):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
-            x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d")
+            x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d",
+            probe_triton_batch_renorm, self.running_var.dtype)
         self._advance_iteration()
         r_max, d_max = self.current_limits()
         if triton_step:
             return TritonBatchRenormFunction.apply(
                 x, self.weight, self.bias, self.running_mean, self.running_var, self.ema_update_rate, self.eps, r_max, d_max
             )
-        dims = (0, 2, 3)
-        x_work = x.to(torch.promote_types(x.dtype, self.running_mean.dtype))  # bf16 -> f32, f64 stays
-        var_b, mean_b = torch.var_mean(x_work, dim=dims, correction=0)
-        std_b = (var_b + self.eps).sqrt()
-        with torch.no_grad():
-            std_run = (self.running_var + self.eps).sqrt()
-            r = (std_b / std_run).clamp(1.0 / r_max, r_max)
-            d = ((mean_b - self.running_mean) / std_run).clamp(-d_max, d_max)
-            count = x.numel() // x.shape[1]
-            unbiased_var = var_b * (count / max(count - 1, 1))
-            new_mean = torch.lerp(self.running_mean, mean_b, self.ema_update_rate)
-            new_var = torch.lerp(self.running_var, unbiased_var, self.ema_update_rate)
-            finite = torch.isfinite(new_mean) & torch.isfinite(new_var)
-            self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-            self.running_var.copy_(torch.where(finite, new_var, self.running_var))
-        view = (1, -1, 1, 1)
-        scale = (self.weight * r / std_b).view(view)
-        shift = (self.bias + self.weight * (d - r * mean_b / std_b)).view(view)
-        return (x_work * scale + shift).to(x.dtype)
+        return batch_renorm_step(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.ema_update_rate, self.eps, r_max, d_max)
 
     def extra_repr(self) -> str:
         return (

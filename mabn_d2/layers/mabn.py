@@ -5,6 +5,7 @@ from .backend import use_triton
 from .base import MovingAverageNorm
 from .functional import MABNFunction, mabn_inference, running_var_decay
 from .triton_mabn import TritonMABNFunction, triton_mabn_unsupported_reason
+from .triton_probe import probe_triton_mabn
 
 __all__ = ["MABN2d"]
 
@@ -40,7 +41,8 @@ class MABN2d(MovingAverageNorm):
             return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps)
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
-        triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d")
+        triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
+                            probe_triton_mabn, self.running_var.dtype)
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
             x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
