@@ -115,17 +115,36 @@ def _first_use_failure(key: Tuple, probe: Callable[[], Optional[str]]) -> Option
 
 def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str,
                probe: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]] = None,
-               state_dtype: Optional[torch.dtype] = None) -> bool:
+               state_dtype: Optional[torch.dtype] = None, decisions: Optional[Dict[Tuple, bool]] = None) -> bool:
     """Whether this training step runs on the Triton kernels.
 
     `unsupported_reason()` says why the kernels cannot take these tensors (None: they can).
     `probe(x, state_dtype)` is the first-use check for the key of these tensors (run once per key).
     Under "triton" every refusal or failed check is an error naming the reason, so a comparison
-    of the two paths never silently times the same one twice.
+    of the two paths never silently times the same one twice. `decisions` (a dict the layer owns)
+    remembers the answer per backend and input geometry (channels, spatial size, strides, dtype,
+    device, state dtype), so a training step does not re-check what cannot have changed.
     """
     backend = selected_backend()
     if backend == "torch":
         return False
+    key = None
+    if decisions is not None:  # the layer's own cache: one check per input geometry, not per step
+        key = (backend, x.shape[1:], x.stride(), x.dtype, x.device, state_dtype, x.numel() < 2**31)
+        decided = decisions.get(key)
+        if decided is not None:
+            return decided
+    decided = _decide(x, unsupported_reason, owner, probe, state_dtype, backend)
+    if key is not None:
+        if len(decisions) >= 64:
+            decisions.clear()
+        decisions[key] = decided
+    return decided
+
+
+def _decide(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str,
+            probe: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]],
+            state_dtype: Optional[torch.dtype], backend: str) -> bool:
     reason = None
     if not triton_installed():
         reason = "Triton is not installed"

@@ -113,7 +113,7 @@ class BatchRenorm2d(HostIterationCounter):
             )
         triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
             x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d",
-            probe_triton_batch_renorm, self.running_var.dtype)
+            probe_triton_batch_renorm, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))
         self._advance_iteration()
         r_max, d_max = self.current_limits()
         if triton_step:

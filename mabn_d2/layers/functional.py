@@ -9,8 +9,7 @@ Every operation is a public PyTorch one with the same meaning on every device (s
 elementwise passes in the backward, the input as the only activation saved for backward. No
 statistic ever leaves the device, so a step never synchronises with the host.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -22,9 +21,8 @@ from .channel_ops import (
 __all__ = ["MABNPhase", "mabn_phase", "mabn_inference", "MABNFunction", "channel_view", "keep_finite"]
 
 
-@dataclass(frozen=True)
-class MABNPhase:
-    """What one training iteration of an MABN layer does, decided on the host."""
+class MABNPhase(NamedTuple):
+    """What one training iteration of an MABN layer does, decided on the host (a tuple: cheap per step)."""
 
     iteration: int  # 1-based count of training forwards, this one included
     slot: int  # ring-buffer row written by this iteration
@@ -57,10 +55,14 @@ def running_var_decay(ema_decay: float, phase: MABNPhase) -> float:
 
 
 def mabn_inference(
-    x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    zero_mean: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta."""
-    return channel_normalize(x, running_var, weight, bias, eps)
+    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta.
+
+    `zero_mean` (the layer's all-zero running_mean) saves allocating a zero mean per call.
+    """
+    return channel_normalize(x, running_var, weight, bias, eps, mean=zero_mean)
 
 
 def channel_view(t: torch.Tensor) -> torch.Tensor:

@@ -38,15 +38,29 @@ class MABN2d(MovingAverageNorm):
         self._check_input(x)
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
-            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps)
+            return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps, self._zero_mean())
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            probe_triton_mabn, self.running_var.dtype)
+                            probe_triton_mabn, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
             x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
         )
+
+    def _zero_mean(self) -> torch.Tensor:
+        """A zero mean for eval's batch_norm call, allocated once per device and dtype, not per call.
+
+        Not running_mean: that buffer is only a checkpoint field, and what a user writes into it
+        must not centre anything.
+        """
+        running_var = self.running_var
+        zero = self.__dict__.get("_zero_mean_cache")
+        if zero is None or zero.device != running_var.device or zero.dtype != running_var.dtype \
+                or zero.shape != running_var.shape:
+            zero = torch.zeros_like(running_var)
+            self.__dict__["_zero_mean_cache"] = zero
+        return zero
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -48,8 +48,10 @@ class TritonBatchRenormFunction(torch.autograd.Function):
             n, c, h, w = x.shape
             count = n * h * w
             plan, channels_last = plan_reduction_for(x)
-            partials = torch.empty((2, plan.num_splits, c), dtype=running_var.dtype, device=x.device)
-            stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
+            # one allocation: statistics first (alignment fixed by C), then the partial sums
+            workspace = torch.empty((kernels.STATS_ROWS + 2 * plan.num_splits, c), dtype=running_var.dtype,
+                                    device=x.device)
+            stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
             kernels.forward_statistics_kernel[plan.grid](
                 x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
                 stats, c, h * w, count, plan.num_tiles, plan.num_splits,
@@ -57,7 +59,8 @@ class TritonBatchRenormFunction(torch.autograd.Function):
                 LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
                 BLOCK_S=plan.block_s,
             )
-            y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
+            y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT],
+                                      channels_last=channels_last)
         ctx.save_for_backward(x, stats)
         return y
 
@@ -70,8 +73,8 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         with launch_guard(x.device):
             n, c, h, w = x.shape
             plan, channels_last = plan_reduction_for(x)
-            partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
-            grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
+            workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
+            grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
             kernels.backward_statistics_kernel[plan.grid](
                 grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
@@ -81,6 +84,6 @@ class TritonBatchRenormFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = launch_channel_affine(
                     grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
-                    scale_b=grads[kernels.GRADS_X_COEF],
+                    scale_b=grads[kernels.GRADS_X_COEF], channels_last=channels_last,
                 )
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None

@@ -38,6 +38,11 @@ class LaunchTuning:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"LaunchTuning.{name} must be a power of two (Triton block shapes), got {value}")
+        # hashed on every cached plan lookup: once here, not field by field per launch
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 TUNING = LaunchTuning()
@@ -133,7 +138,12 @@ def launch_guard(device: torch.device) -> contextlib.AbstractContextManager:
     tensors' device; under this guard both are the ones PyTorch uses for the layer's tensors
     (a model on cuda:1 while cuda:0 is current computes on cuda:1).
     """
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or (torch.cuda.is_initialized() and device.index == torch.cuda.current_device()):
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -199,12 +209,14 @@ def unsupported_input_reason(
 def launch_channel_affine(
     a: torch.Tensor, scale_a: torch.Tensor, shift: Optional[torch.Tensor],
     b: Optional[torch.Tensor] = None, scale_b: Optional[torch.Tensor] = None,
+    channels_last: Optional[bool] = None,
 ) -> torch.Tensor:
     """a * scale_a[c] (+ b * scale_b[c]) (+ shift[c]) in one pass; b's dtype and a's layout when
-    b is given (a gradient for b), else a's dtype."""
+    b is given (a gradient for b), else a's dtype. `channels_last`: a's layout, if the caller knows it."""
     out = torch.empty_like(a, dtype=a.dtype if b is None else b.dtype)
     n, c, h, w = a.shape
-    channels_last = is_channels_last(a)
+    if channels_last is None:
+        channels_last = is_channels_last(a)
     plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
     kernel_module("triton_common").channel_affine_kernel[plan.grid](
         a, b if b is not None else a, scale_a, scale_b if scale_b is not None else scale_a,

@@ -53,8 +53,11 @@ class TritonMABNFunction(torch.autograd.Function):
         with launch_guard(x.device):
             n, c, h, w = x.shape
             plan, channels_last = plan_reduction_for(x)
-            partials = torch.empty((plan.num_splits, c), dtype=running_var.dtype, device=x.device)
-            stats = torch.empty((kernels.STATS_ROWS, c), dtype=running_var.dtype, device=x.device)
+            # One allocation per launch: the statistics handed to backward, then the per-program partial
+            # sums. Statistics first, so both pointers' alignment depends on C only (one compiled variant).
+            workspace = torch.empty((kernels.STATS_ROWS + plan.num_splits, c), dtype=running_var.dtype,
+                                    device=x.device)
+            stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
             kernels.forward_statistics_kernel[plan.grid](
                 x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
@@ -63,7 +66,7 @@ class TritonMABNFunction(torch.autograd.Function):
                 RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
                 BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),
             )
-            y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias)
+            y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias, channels_last=channels_last)
         ctx.save_for_backward(x, weight, stats)
         ctx.gz_buffer = gz_buffer
         ctx.phase = phase
@@ -81,8 +84,8 @@ class TritonMABNFunction(torch.autograd.Function):
         with launch_guard(x.device):
             n, c, h, w = x.shape
             plan, channels_last = plan_reduction_for(x)
-            partials = torch.empty((2, plan.num_splits, c), dtype=stats.dtype, device=x.device)
-            grads = torch.empty((kernels.GRADS_ROWS, c), dtype=stats.dtype, device=x.device)
+            workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
+            grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
             kernels.backward_statistics_kernel[plan.grid](
                 grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
@@ -93,6 +96,7 @@ class TritonMABNFunction(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = launch_channel_affine(
-                    grad_out, stats[kernels.STATS_ALPHA], None, b=x, scale_b=grads[kernels.GRADS_X_COEF]
+                    grad_out, stats[kernels.STATS_ALPHA], None, b=x, scale_b=grads[kernels.GRADS_X_COEF],
+                    channels_last=channels_last,
                 )
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None, None

@@ -10,7 +10,6 @@ Each removes one ingredient of MABN so a study can show what that ingredient buy
 
 Both share MABN2d's buffer, warm-up, re-normalization and EMA semantics.
 """
-import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -36,7 +35,7 @@ class _ForwardOnlyFunction(MABNFunction):
     @staticmethod
     def forward(ctx, *args):  # type: ignore[override]
         y = MABNFunction.forward(ctx, *args)
-        ctx.phase = dataclasses.replace(ctx.phase, use_batch_statistics=True)
+        ctx.phase = ctx.phase._replace(use_batch_statistics=True)
         return y
 
 

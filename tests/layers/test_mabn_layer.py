@@ -391,3 +391,20 @@ def test_resume_after_the_first_iteration_continues_exactly():
         resumed(x.clone().requires_grad_()).sum().backward()
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_eval_allocates_its_zero_mean_once_per_device_and_dtype(monkeypatch):
+    layer = MABN2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    first = layer(x)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("eval allocated a zero mean again")
+
+    monkeypatch.setattr(torch, "zeros_like", no_allocation)
+    torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+    monkeypatch.undo()
+    layer.double()
+    y = layer(x.double())  # a new dtype: a new zero mean
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, first.double(), rtol=1e-6, atol=1e-6)
