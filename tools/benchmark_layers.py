@@ -5,6 +5,8 @@ Shapes are those of ResNet-50 FPN Mask R-CNN at 2 images per GPU plus two ROI-he
 MABN2d is timed in its last phase (moving averages + clipped re-normalization), its most
 expensive one. Prints a Markdown table of medians and ratios to nn.BatchNorm2d (wall clock on
 the CPU, CUDA events with --device cuda).
+
+  python tools/benchmark_layers.py --host-overhead   # host cost of the Triton steps, launches stubbed
 """
 import argparse
 import statistics
@@ -53,7 +55,17 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds (smoke test)")
     parser.add_argument("--norms", nargs="+", default=NORMS, choices=NORMS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA times are CUDA-event medians)")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="time the Triton steps' host work (launches stubbed) against BatchNorm2d's whole step")
     args = parser.parse_args(argv)
+    if args.host_overhead:
+        from mabn_d2.research.host_overhead import host_overhead_report
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = host_overhead_report(args.repeats)
+        print(report)
+        return report
     for required in ("MABN2d", "BatchNorm2d", "FrozenBN"):
         if required not in args.norms:
             parser.error(f"--norms must include {required} (the ratios are taken against it)")

@@ -32,3 +32,25 @@ def test_training_benchmark_runs_mabn_in_its_steady_state():
 def test_inference_benchmark_quick():
     report = _tool("benchmark_inference").main(["--quick", "--repeats", "1"])
     assert "FrozenBN" in report
+
+
+def test_host_overhead_benchmark_stubs_the_launches_and_restores_everything():
+    import torch
+
+    from mabn_d2.layers import MABN2d
+    from mabn_d2.layers import backend as backend_module
+    from mabn_d2.layers import triton_launch, triton_mabn
+    from mabn_d2.research.host_overhead import host_overhead, host_overhead_report, stubbed_triton_launches
+
+    saved = (triton_mabn.kernel_module, triton_launch.kernel_module, backend_module._device_reason)
+    with stubbed_triton_launches():
+        layer = MABN2d(4)
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        y = layer(x)  # the Triton path on the CPU, no kernel ran: the output is an empty tensor's garbage
+        y.sum().backward()
+        assert layer.iteration == 1
+    assert (triton_mabn.kernel_module, triton_launch.kernel_module, backend_module._device_reason) == saved
+    times = host_overhead(repeats=1, inner=3)
+    assert set(times) == {"MABN2d", "BatchRenorm2d", "BatchNorm2d", "autograd.Function"}
+    assert all(t > 0 for t in times.values())
+    assert "| BatchNorm2d |" in host_overhead_report(repeats=1) and "vs BatchNorm2d" in host_overhead_report(1)
