@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .triton_launch import (
     arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for,
-    unsupported_input_reason, launch_guard,
+    unsupported_input_reason, launch_guard, launch_reduction,
 )
 
 __all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
@@ -52,7 +52,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
             workspace = torch.empty((kernels.STATS_ROWS + 2 * plan.num_splits, c), dtype=running_var.dtype,
                                     device=x.device)
             stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
-            kernels.forward_statistics_kernel[plan.grid](
+            launch_reduction(kernels.forward_statistics_kernel, plan.grid, x.device, "BatchRenorm2d forward",
                 x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
                 stats, c, h * w, count, plan.num_tiles, plan.num_splits,
                 ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
@@ -75,7 +75,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
             plan, channels_last = plan_reduction_for(x)
             workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
             grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
-            kernels.backward_statistics_kernel[plan.grid](
+            launch_reduction(kernels.backward_statistics_kernel, plan.grid, x.device, "BatchRenorm2d backward",
                 grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
                 CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,

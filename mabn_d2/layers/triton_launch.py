@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import os
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -15,7 +16,8 @@ import torch
 __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
-    "launch_channel_affine", "plan_reduction_for", "matching_layout", "launch_guard",
+    "launch_channel_affine", "plan_reduction_for", "matching_layout", "launch_guard", "launch_reduction",
+    "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR",
 ]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -171,6 +173,44 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
         counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
         _counters[(device, stream)] = counters
     return counters
+
+
+COUNTER_CHECK_ENV_VAR = "MABN_D2_CHECK_COUNTERS"
+_check_counters = os.environ.get(COUNTER_CHECK_ENV_VAR, "0") not in ("", "0")
+
+
+def set_counter_check(enabled: bool) -> None:
+    """Debug switch (also $MABN_D2_CHECK_COUNTERS=1): after every reduction, read the arrival
+    counters back (a host sync) and raise if one was left set."""
+    global _check_counters
+    _check_counters = bool(enabled)
+
+
+def counters_left_set(device: Optional[torch.device] = None) -> int:
+    """How many arrival counters (all streams of `device`, or of every device) are not zero (a host sync)."""
+    return sum(int(torch.count_nonzero(counters)) for (d, _), counters in _counters.items()
+               if device is None or d == device)
+
+
+def launch_reduction(kernel, grid: Tuple[int, int], device: torch.device, owner: str, *args, **kwargs) -> None:
+    """Launch a statistics kernel; its arrival counters are zero afterwards, by the kernel or by this.
+
+    The last program of each channel block resets its counter. A launch that raises (a compile or
+    driver error) may leave counters set, which would silently corrupt every later reduction on
+    this stream: they are zeroed before the error propagates.
+    """
+    try:
+        kernel[grid](*args, **kwargs)
+    except Exception:
+        for (d, _), counters in _counters.items():
+            if d == device:
+                counters.zero_()
+        raise
+    if _check_counters:
+        left = counters_left_set(device)
+        if left:
+            raise RuntimeError(f"{owner}: {left} arrival counters on {device} were left set by a reduction "
+                               f"({COUNTER_CHECK_ENV_VAR} check); the kernels' last-arrival logic is broken")
 
 
 @functools.lru_cache(maxsize=None)

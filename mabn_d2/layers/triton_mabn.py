@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from .functional import MABNPhase
 from .triton_launch import (
     arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, ring_block,
-    unsupported_input_reason, launch_guard,
+    unsupported_input_reason, launch_guard, launch_reduction,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -58,7 +58,7 @@ class TritonMABNFunction(torch.autograd.Function):
             workspace = torch.empty((kernels.STATS_ROWS + plan.num_splits, c), dtype=running_var.dtype,
                                     device=x.device)
             stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
-            kernels.forward_statistics_kernel[plan.grid](
+            launch_reduction(kernels.forward_statistics_kernel, plan.grid, x.device, "MABN2d forward",
                 x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
                 ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
@@ -86,7 +86,7 @@ class TritonMABNFunction(torch.autograd.Function):
             plan, channels_last = plan_reduction_for(x)
             workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
             grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
-            kernels.backward_statistics_kernel[plan.grid](
+            launch_reduction(kernels.backward_statistics_kernel, plan.grid, x.device, "MABN2d backward",
                 grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
                 c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
                 CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,

@@ -135,3 +135,35 @@ def test_changing_roi_counts_compile_no_new_variants():
     for layout, counts in many.items():
         assert counts["triton_mabn_kernels.forward_statistics_kernel"] <= 4, (layout, counts)
         assert counts["triton_brn_kernels.forward_statistics_kernel"] <= 2, (layout, counts)
+
+
+@requires_triton_interpreter
+def test_counter_check_passes_a_real_step_and_catches_a_counter_left_set():
+    triton_launch.set_counter_check(True)
+    try:
+        x = torch.randn(2, 3, 4, 5)
+        _mabn_step(x)  # the kernels reset their counters: the check is silent
+        _brn_step(x)
+        assert triton_launch.counters_left_set(x.device) == 0
+        triton_launch.arrival_counters(x.device, 1)[0] = 5  # as a crashed launch would leave it
+        with pytest.raises(RuntimeError, match="arrival counters on cpu were left set"):
+            _mabn_step(x)
+    finally:
+        triton_launch.set_counter_check(False)
+        triton_launch.arrival_counters(torch.device("cpu"), 1).zero_()
+
+
+def test_a_launch_that_raises_leaves_its_counters_zeroed():
+    device = torch.device("cpu")
+    counters = triton_launch.arrival_counters(device, 4)
+    counters[:4] = 3
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("ptxas failed")
+            return launch
+
+    with pytest.raises(RuntimeError, match="ptxas failed"):
+        triton_launch.launch_reduction(Failing(), (1, 1), device, "test")
+    assert triton_launch.counters_left_set(device) == 0
