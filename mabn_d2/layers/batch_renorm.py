@@ -111,6 +111,11 @@ class BatchRenorm2d(HostIterationCounter):
             return nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
+        return self._training_step(x)
+
+    @torch.compiler.disable
+    def _training_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One training iteration, outside any torch.compile graph (host counter and ramps in Python)."""
         triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
             x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d",
             probe_triton_batch_renorm, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))

@@ -39,6 +39,15 @@ class MABN2d(MovingAverageNorm):
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
             return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps, self._zero_mean())
+        return self._training_step(x)
+
+    @torch.compiler.disable
+    def _training_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One training iteration, outside any torch.compile graph.
+
+        The step advances a host counter and picks its phase and backend in Python; traced, every
+        iteration would change a guard and recompile. Eval (a frozen affine) stays compilable.
+        """
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
