@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = ["BACKENDS", "BACKEND_ENV_VAR", "selected_backend", "set_backend", "use_backend", "use_triton",
-           "first_use_verdicts", "forget_first_use_checks"]
+           "first_use_verdicts", "forget_first_use_checks", "refuse_graph_capture"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ def triton_installed() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def refuse_graph_capture(x: torch.Tensor, owner: str) -> None:
+    """Raise if a training step is being captured into a CUDA graph.
+
+    A step's phase, ring-buffer slot and warm-up ramps are decided on the host per iteration;
+    a replayed graph would repeat the captured iteration's decisions, and the first-use check
+    reads results back. Eval mode (a frozen per-channel affine) captures fine.
+    """
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{owner}: a training step cannot be captured into a CUDA graph: its phase and ring-buffer slot are "
+            "decided on the host at every iteration, so a replay would repeat one iteration. Capture the model in "
+            "eval mode (a frozen affine), or train without CUDA graphs.")
 
 
 def _device_reason(x: torch.Tensor, backend: str) -> Optional[str]:

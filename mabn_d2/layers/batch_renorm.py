@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .backend import use_triton
+from .backend import refuse_graph_capture, use_triton
 from .base import HostIterationCounter
 from .hyperparams import BRN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 from .triton_batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
@@ -116,6 +116,7 @@ class BatchRenorm2d(HostIterationCounter):
     @torch.compiler.disable
     def _training_step(self, x: torch.Tensor) -> torch.Tensor:
         """One training iteration, outside any torch.compile graph (host counter and ramps in Python)."""
+        refuse_graph_capture(x, "BatchRenorm2d")
         triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
             x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d",
             probe_triton_batch_renorm, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))

@@ -1,7 +1,7 @@
 """MABN2d: Moving Average Batch Normalization (Yan et al., ICLR 2020) as a thin module."""
 import torch
 
-from .backend import use_triton
+from .backend import refuse_graph_capture, use_triton
 from .base import MovingAverageNorm
 from .functional import MABNFunction, mabn_inference, running_var_decay
 from .triton_mabn import TritonMABNFunction, triton_mabn_unsupported_reason
@@ -48,6 +48,7 @@ class MABN2d(MovingAverageNorm):
         The step advances a host counter and picks its phase and backend in Python; traced, every
         iteration would change a guard and recompile. Eval (a frozen affine) stays compilable.
         """
+        refuse_graph_capture(x, "MABN2d")
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",

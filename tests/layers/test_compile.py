@@ -75,3 +75,17 @@ def test_compiled_training_equals_eager_in_every_phase_with_bounded_compiles():
     compiled_module.eval()
     x = torch.randn(2, 3, 6, 6, generator=generator)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_graph_capture_of_a_training_step_is_refused_with_the_reason(monkeypatch):
+    import types
+
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="MABN2d: a training step cannot be captured into a CUDA graph"):
+        backend_module.refuse_graph_capture(on_cuda, "MABN2d")
+    backend_module.refuse_graph_capture(torch.zeros(1), "MABN2d")  # CPU tensors are never captured
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    backend_module.refuse_graph_capture(on_cuda, "MABN2d")
