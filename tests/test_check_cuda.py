@@ -209,3 +209,71 @@ def test_without_detectron2_the_script_says_so_in_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "detectron2" in lines[0] and "PYTHONPATH" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- smoke stage and reporting
+def test_smoke_stage_passes_every_variant_on_the_interpreter_and_checks_the_counters(check_cuda):
+    from tests.layers.triton_interpreter import interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    rows = check_cuda.smoke_rows(CPU, shape=(2, 5, 3, 4))
+    assert len(rows) == 4 * 2 * 2 + 1  # dtypes x layouts x layers, then the counters
+    assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
+    assert rows[-1].case == "arrival counters after every launch" and rows[-1].result == "0 left set"
+
+
+def test_smoke_stage_fails_fast_in_one_line(check_cuda, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(check_cuda, "select_device", lambda name: CPU)
+    monkeypatch.setattr(check_cuda, "smoke_rows", lambda device: [
+        check_cuda.Row("smoke", "MABN2d bf16 8x96x33x35", "y differs from the public path at iteration 3", "", "FAIL"),
+        check_cuda.Row("smoke", "arrival counters after every launch", "0 left set", "0", "ok")])
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checks ran after a failed smoke stage")
+
+    monkeypatch.setattr(check_cuda, "run_checks", never)
+    code = check_cuda.main(["--backends", "torch", "triton", "--output", str(tmp_path / "rows.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "smoke stage failed (1 of 2)" in err[0] and "iteration 3" in err[0]
+    assert "y differs" in (tmp_path / "rows.md").read_text()
+
+
+def test_rows_stream_as_measured_into_stdout_and_the_file_and_the_summary_fits_8_kb(check_cuda, monkeypatch,
+                                                                                      capsys, tmp_path):
+    monkeypatch.setattr(check_cuda, "select_device", lambda name: CPU)
+    printed_before = []
+
+    def section(name, count, status):
+        def rows_of(*args, **kwargs):
+            printed_before.append(capsys.readouterr().out)  # what was on stdout when this section started
+            return [check_cuda.Row(name, f"case {i} " + "x" * 150, "result " + "y" * 300, "limit", status)
+                    for i in range(count)]
+        return rows_of
+
+    monkeypatch.setattr(check_cuda, "correctness_rows", section("correctness", 200, "FAIL"))
+    monkeypatch.setattr(check_cuda, "host_sync_rows", section("no host sync", 3, "ok"))
+    monkeypatch.setattr(check_cuda, "autocast_rows", section("autocast", 3, "ok"))
+    monkeypatch.setattr(check_cuda, "layer_time_rows", lambda *a, **k: [
+        check_cuda.Row("layer time", "MABN2d, median over shapes", "train 0.95x BN; eval 1.01x FrozenBN", "t", "ok")])
+    monkeypatch.setattr(check_cuda, "maskrcnn_rows", lambda *a, **k: [
+        check_cuda.Row("Mask R-CNN step", "MABN, 2 images", "0.100 s = 1.05x BN", "<= 1.1x BN", "ok")])
+    output = tmp_path / "rows.md"
+    code = check_cuda.main(["--backends", "torch", "--skip-smoke", "--output", str(output)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL correctness: [torch] case 199" in printed_before[1]  # streamed before the next section ran
+    summary = out[out.index("\nsummary:"):]
+    assert len(summary.encode()) <= 8192, len(summary.encode())
+    assert "correctness: 0 ok, 200 failed" in summary and "no host sync: 3 ok, 0 failed" in summary
+    assert "more (see the output file)" in summary
+    assert "MABN2d, median over shapes: train 0.95x BN" in summary and "MABN, 2 images: 0.100 s = 1.05x BN" in summary
+    text = output.read_text()
+    assert text.count("| correctness |") == 200 and "y" * 300 in text  # details in full in the file
+
+
+def test_missing_packages_are_named(check_cuda, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "yacs", None)
+    missing = check_cuda.missing_packages()
+    assert "pycocotools" in missing and "yacs" in missing and "torchvision" not in missing

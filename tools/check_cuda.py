@@ -21,6 +21,16 @@ Each check runs once per training-step backend (MABN_D2_BACKEND): "torch", the p
 operations, always; "auto" (Triton kernels where they apply) too when Triton is installed.
 Rows say which ("[torch] ...").
 
+Before all of it, a smoke stage (about 30 s): the strict "triton" backend on every kernel variant
+(float32, bfloat16, float16, float64; NCHW and channels_last; every MABN phase; Batch
+Renormalization with r and d clipped and free) at multi-program shapes against the public path,
+and every arrival counter zero afterwards. It fails fast, in one line.
+
+Every row is printed (and flushed) as its section finishes and appended to `--output FILE` with
+its details; the printed summary at the end fits in 8 KB: pass/fail per section, the failed rows,
+then the four speed ratios. `--quick` (smoke, correctness, host syncs, autocast, three layer
+shapes; no Mask R-CNN) is sized for under 3 minutes on one H100.
+
 Sized for under 5 minutes on one GPU. Needs torch with CUDA and an importable detectron2 (its
 pure-Python part is enough, e.g. on PYTHONPATH with fvcore, iopath, yacs, omegaconf, ...).
 Exit status: 0 every check passed, 1 a check failed, 2 no CUDA GPU or the project does not import.
@@ -84,6 +94,28 @@ def cuda_device(name: str) -> torch.device:
     return device
 
 
+# What `import mabn_d2` needs besides torch (import name: package name). A torch-only GPU box lacks
+# most of them; detectron2's pure-Python part is enough.
+RUNTIME_PACKAGES = {
+    "detectron2": "detectron2", "torchvision": "torchvision", "PIL": "Pillow", "pycocotools": "pycocotools",
+    "fvcore": "fvcore", "iopath": "iopath", "omegaconf": "omegaconf", "yacs": "yacs", "termcolor": "termcolor",
+    "hydra": "hydra-core", "tabulate": "tabulate", "cloudpickle": "cloudpickle",
+}
+
+
+def missing_packages() -> List[str]:
+    """The packages of RUNTIME_PACKAGES that are not importable here."""
+    missing = []
+    for module, package in RUNTIME_PACKAGES.items():
+        try:
+            found = sys.modules.get(module, 0) is not None and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 def import_project() -> None:
     """Import mabn_d2 (and so detectron2), from this checkout if it is not installed."""
     if REPO_ROOT not in sys.path:
@@ -91,15 +123,20 @@ def import_project() -> None:
     try:
         import mabn_d2  # noqa: F401
     except ImportError as error:
+        missing = missing_packages()
         raise Unavailable(
-            f"cannot import mabn_d2 ({error}); put detectron2 and its pure-Python dependencies "
-            "(fvcore, iopath, yacs, omegaconf, ...) on PYTHONPATH"
+            f"cannot import mabn_d2 ({error}); missing: {', '.join(missing) or 'none of the known packages'}; "
+            "put detectron2 and its pure-Python dependencies on PYTHONPATH"
         ) from None
 
 
 def available_backends() -> List[str]:
-    """The training-step backends worth checking here: public operations, and Triton's if installed."""
-    return ["torch", "auto"] if importlib.util.find_spec("triton") is not None else ["torch"]
+    """The training-step backends worth checking here: public operations, and Triton's if installed.
+
+    Triton's rows use the strict "triton" backend: a refused or failed kernel is an error, so a
+    silent fallback can never be judged as Triton.
+    """
+    return ["torch", "triton"] if importlib.util.find_spec("triton") is not None else ["torch"]
 
 
 def backend_context(name: str):
@@ -461,6 +498,93 @@ def maskrcnn_rows(
     return rows
 
 
+# --------------------------------------------------------------------------- smoke stage
+SMOKE_SHAPE = (8, 96, 33, 35)  # several channel blocks and reduction programs per block on a GPU
+SMOKE_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                (torch.float64, torch.float64))  # (activation, state)
+
+
+def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List[Row]:
+    """Every kernel variant on the strict "triton" backend against the public path, then the counters.
+
+    MABN in each phase and Batch Renormalization with r and d clipped and free, per (activation
+    dtype, layout), at a multi-program shape; each check builds its own tensors (no layer state).
+    """
+    from mabn_d2.layers import triton_launch
+    from mabn_d2.layers.triton_probe import probe_triton_batch_renorm, probe_triton_mabn
+
+    rows = []
+    with backend_context("triton"):
+        for dtype, state_dtype in SMOKE_DTYPES:
+            for channels_last in (False, True):
+                x = _on(torch.zeros(shape), device, dtype, channels_last)
+                label = f"{_dtype_name(dtype)}{' channels_last' if channels_last else ''} {'x'.join(map(str, shape))}"
+                for name, probe in (("MABN2d", probe_triton_mabn), ("BatchRenorm2d", probe_triton_batch_renorm)):
+                    def check(probe=probe, name=name, x=x, label=label, state_dtype=state_dtype) -> Row:
+                        problem = probe(x, state_dtype, shape)
+                        return Row("smoke", f"{name} {label}", problem or "kernels = public path, every variant", "",
+                                   "FAIL" if problem else "ok")
+                    rows.append(_guarded("smoke", f"{name} {label}", check))
+        left = triton_launch.counters_left_set(torch.device(device))
+        rows.append(Row("smoke", "arrival counters after every launch", f"{left} left set", "0", "FAIL" if left else "ok"))
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+SUMMARY_LIMIT = 8192  # bytes of the printed summary
+
+
+class Reporter:
+    """Prints each row as soon as it is known (flushed) and appends it, in full, to an output file."""
+
+    def __init__(self, output: Optional[str] = None, stream=None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.output = output
+        self.rows: List[Row] = []
+        if output:
+            with open(output, "a") as f:
+                f.write("| section | case | result | limit | status |\n|---|---|---|---|---|\n")
+
+    def add(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            print(f"{row.status:4s} {row.section}: {row.case}: {row.result[:160]}", file=self.stream, flush=True)
+            if self.output:
+                with open(self.output, "a") as f:
+                    f.write(f"| {row.section} | {row.case} | {row.result} | {row.limit} | {row.status} |\n")
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+        if self.output:
+            with open(self.output, "a") as f:
+                f.write(text + "\n")
+
+    def summary(self) -> str:
+        """Pass/fail per section, the failed rows (shortened), then the speed ratios; at most SUMMARY_LIMIT bytes."""
+        sections: Dict[str, Dict[str, int]] = {}
+        for row in self.rows:
+            counts = sections.setdefault(row.section, {"ok": 0, "FAIL": 0, "info": 0})
+            counts[row.status] = counts.get(row.status, 0) + 1
+        lines = ["", "summary:"]
+        lines += [f"  {name}: {c['ok']} ok, {c['FAIL']} failed, {c['info']} measured"
+                  + (" -> FAIL" if c["FAIL"] else " -> pass") for name, c in sections.items()]
+        ratios = [r for r in self.rows if "median over shapes" in r.case or r.case.split("] ")[-1].startswith("MABN,")]
+        tail = ["speed ratios:"] + [f"  {r.case}: {r.result[:200]} [{r.status}; {r.limit[:120]}]" for r in ratios]
+        failed = [r for r in self.rows if r.status == "FAIL"]
+        budget = SUMMARY_LIMIT - len("\n".join(lines + tail).encode()) - 200
+        if failed:
+            lines.append("failed:")
+            for row in failed:
+                line = f"  {row.section}: {row.case[:100]}: {row.result[:200]}"
+                if budget - len(line.encode()) - 1 < 0:
+                    lines.append(f"  ... {len(failed) - (len(lines) - len(sections) - 3)} more (see the output file)")
+                    break
+                budget -= len(line.encode()) + 1
+                lines.append(line)
+        text = "\n".join(lines + tail)
+        return text.encode()[:SUMMARY_LIMIT].decode(errors="ignore")
+
+
 # --------------------------------------------------------------------------- table
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
@@ -484,11 +608,12 @@ def markdown(rows: Sequence[Row]) -> str:
 def run_checks(
     device: torch.device, backends: Sequence[str] = ("torch",), repeats: int = 20, model_repeats: int = 10,
     speed: bool = True, model: bool = True, height: int = 800, width: int = 1216, shapes: Optional[Sequence] = None,
+    reporter: Optional[Reporter] = None,
 ) -> List[Row]:
     """Every check's rows, in table order, once per backend (`shapes`: layer-timing shapes, default R50-FPN's).
 
     The timings of the norms without a backend choice (BN, GN, FrozenBN) are taken with the first
-    backend only.
+    backend only. A `reporter` gets each section's rows as soon as they are measured.
     """
     sections: List[Tuple[str, Callable[[bool], List[Row]]]] = [
         ("correctness", lambda first: correctness_rows(device)),
@@ -509,8 +634,24 @@ def run_checks(
                     section_rows = rows_of(index == 0)
             except Exception as error:
                 section_rows = [Row(section, "all cases", _first_line(error), "", "FAIL")]
-            rows += [dataclasses.replace(row, case=f"[{backend}] {row.case}") for row in section_rows]
+            section_rows = [dataclasses.replace(row, case=f"[{backend}] {row.case}") for row in section_rows]
+            if reporter is not None:
+                reporter.add(section_rows)
+            rows += section_rows
     return rows
+
+
+def triton_served(device: torch.device) -> str:
+    """Which (layer, dtype, layout) keys the Triton kernels served on `device`, from the first-use checks."""
+    from mabn_d2.layers.backend import first_use_verdicts
+
+    served = [f"{owner} {_dtype_name(dtype)}{' channels_last' if cl else ''}"
+              for (owner, d, dtype, cl, _), verdict in first_use_verdicts().items()
+              if verdict is None and d.type == torch.device(device).type]
+    return ", ".join(sorted(served)) or "none"
+
+
+QUICK_SHAPES = [(2, 256, 200, 336), (2, 1024, 50, 84), (512, 256, 14, 14)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -522,25 +663,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--skip-speed", action="store_true", help="no per-layer timing")
     parser.add_argument("--skip-model", action="store_true", help="no Mask R-CNN timing")
+    parser.add_argument("--skip-smoke", action="store_true", help="no smoke stage")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke, correctness, host syncs, autocast, 3 layer shapes x 5 rounds, no Mask R-CNN")
+    parser.add_argument("--output", default=None, help="append every row, with its details, to this file")
     parser.add_argument("--backends", nargs="+", choices=("torch", "auto", "triton"), default=None,
-                        help="training-step backends to check (default: torch, and auto when Triton is installed)")
+                        help="training-step backends to check (default: torch, and triton when Triton is installed)")
     args = parser.parse_args(argv)
     try:
-        device = cuda_device(args.device)
+        device = select_device(args.device)
         import_project()
     except Unavailable as reason:
         print(f"check_cuda: {reason}", file=sys.stderr)
         return 2
-    torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     backends = args.backends or available_backends()
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"training-step backends: {', '.join(backends)}", flush=True)
-    rows = run_checks(device, backends, args.repeats, args.model_repeats, not args.skip_speed, not args.skip_model,
-                      args.height, args.width)
-    print(markdown(rows))
-    failed = sum(row.status == "FAIL" for row in rows)
+    reporter = Reporter(args.output)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    reporter.note(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                  f"training-step backends: {', '.join(backends)}")
+    if not args.skip_smoke and "triton" in backends:
+        smoke = smoke_rows(device)
+        reporter.add(smoke)
+        failed = [row for row in smoke if row.status == "FAIL"]
+        if failed:
+            print(f"check_cuda: smoke stage failed ({len(failed)} of {len(smoke)}): {failed[0].case}: "
+                  f"{failed[0].result[:300]}", file=sys.stderr, flush=True)
+            return 1
+    repeats = min(args.repeats, 5) if args.quick else args.repeats
+    shapes = QUICK_SHAPES if args.quick else None
+    rows = run_checks(device, backends, repeats, args.model_repeats, not args.skip_speed,
+                      not (args.skip_model or args.quick), args.height, args.width, shapes, reporter)
+    if "triton" in backends:
+        reporter.note(f"Triton kernels served (first-use checks passed): {triton_served(device)}")
+    print(reporter.summary(), flush=True)
+    failed = sum(row.status == "FAIL" for row in reporter.rows)
     print(f"\n{failed} check(s) failed" if failed else "\nall checks passed")
     return 1 if failed else 0
+
+
+def select_device(name: str) -> torch.device:
+    """The device to check: a CUDA device (see cuda_device)."""
+    return cuda_device(name)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ def _tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     return 1e-3, 1e-4
 
 
-def _like(x: torch.Tensor, seed: int, scale: float = 1.0) -> torch.Tensor:
+def _like(x: torch.Tensor, seed: int, scale: float = 1.0, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    n, h, w = _SHAPE
-    t = (torch.randn(n, _CHANNELS, h, w, generator=generator, dtype=torch.float64) * scale + 0.3)
+    n, c, h, w = shape or (_SHAPE[0], _CHANNELS, _SHAPE[1], _SHAPE[2])
+    t = (torch.randn(n, c, h, w, generator=generator, dtype=torch.float64) * scale + 0.3)
     layout = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
         else torch.contiguous_format
     return t.to(device=x.device, dtype=x.dtype).contiguous(memory_format=layout)
@@ -56,23 +56,27 @@ def _step(function, x: torch.Tensor, dy: torch.Tensor, params: List[torch.Tensor
     return [y, *grads]
 
 
-def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
+def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None
+                      ) -> Optional[str]:
     """None when MABN's four kernels agree with MABNFunction in every phase, else what differs.
 
     Raises whatever the kernels raise (compile, driver or launch errors): the caller reports it.
+    `shape`: the check's input shape (default a tiny one; tools/check_cuda.py passes large ones).
     """
     from .triton_mabn import TritonMABNFunction
 
+    channels = shape[1] if shape else _CHANNELS
+
     def fresh():
         kw = dict(device=x.device, dtype=state_dtype)
-        return [torch.full((_CHANNELS,), 1.3, **kw), torch.full((_CHANNELS,), 0.1, **kw)], \
-            [torch.ones(_CHANNELS, **kw), torch.zeros(2, _CHANNELS, **kw), torch.zeros(2, _CHANNELS, **kw)]
+        return [torch.full((channels,), 1.3, **kw), torch.full((channels,), 0.1, **kw)], \
+            [torch.ones(channels, **kw), torch.zeros(2, channels, **kw), torch.zeros(2, channels, **kw)]
 
     params = {"triton": fresh(), "torch": fresh()}
     names = ("y", "dx", "dweight", "dbias", "running_var", "x2_buffer", "gz_buffer")
     for iteration in (1, 2, 3, 4):  # buffer 2, warm-ups 3 / 3: batch statistics, SMA, SMA + clipped r
         phase = mabn_phase(iteration, buffer_size=2, warmup_iters=3, renorm_warmup_iters=3)
-        xi, dy = _like(x, iteration, scale=1.0 + iteration), _like(x, 100 + iteration)
+        xi, dy = _like(x, iteration, 1.0 + iteration, shape), _like(x, 100 + iteration, 1.0, shape)
         results = {}
         for key, function in (("triton", TritonMABNFunction.apply), ("torch", MABNFunction.apply)):
             (weight, bias), state = params[key]
@@ -84,20 +88,23 @@ def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str
     return None
 
 
-def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
+def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None
+                              ) -> Optional[str]:
     """None when Batch Renormalization's kernels agree with the public step (r, d clipped and free), else what differs."""
     from .batch_renorm import batch_renorm_step
     from .triton_batch_renorm import TritonBatchRenormFunction
 
+    channels = shape[1] if shape else _CHANNELS
+
     def fresh():
         kw = dict(device=x.device, dtype=state_dtype)
-        return [torch.full((_CHANNELS,), 1.3, **kw), torch.full((_CHANNELS,), 0.1, **kw)], \
-            [torch.zeros(_CHANNELS, **kw), torch.ones(_CHANNELS, **kw)]
+        return [torch.full((channels,), 1.3, **kw), torch.full((channels,), 0.1, **kw)], \
+            [torch.zeros(channels, **kw), torch.ones(channels, **kw)]
 
     params = {"triton": fresh(), "torch": fresh()}
     names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
     for step, (rate, r_max, d_max) in enumerate(((0.1, 1.0, 0.0), (0.6, 1.2, 0.1), (0.1, 3.0, 5.0)), start=1):
-        xi, dy = _like(x, step, scale=1.0 + step), _like(x, 100 + step)
+        xi, dy = _like(x, step, 1.0 + step, shape), _like(x, 100 + step, 1.0, shape)
         results = {}
         for key, function in (("triton", TritonBatchRenormFunction.apply), ("torch", batch_renorm_step)):
             (weight, bias), state = params[key]
