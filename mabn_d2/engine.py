@@ -22,6 +22,7 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
 from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config, warmup_order_message
@@ -103,6 +104,7 @@ class MABNTrainer(DefaultTrainer):
     """DefaultTrainer for configs that use NORM "MABN"/"BRN"; usable for any detectron2 config."""
 
     def __init__(self, cfg: CfgNode):
+        setup_package_logger(cfg.OUTPUT_DIR)
         self._stream_dataset: Optional[SeededStreamDataset] = None
         self._stream_sampler: Optional[StreamPositionSampler] = None
         with _trainer_construction():
@@ -236,7 +238,20 @@ def setup_cfg(config_file: str, opts: List[str], args=None) -> CfgNode:
         check_device(cfg.MODEL.DEVICE)
         check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
         default_setup(cfg, args)
+        setup_package_logger(cfg.OUTPUT_DIR)
     return cfg
+
+
+def setup_package_logger(output_dir: Optional[str]) -> logging.Logger:
+    """The "mabn_d2" logger (and Python warnings) into detectron2's log.txt, with level and time.
+
+    As detectron2's projects do: setup_logger(output, rank, name=...), on every rank (rank 0 also
+    prints, the others write log.txt.rankN). setup_logger is cached, so calling it again is free.
+    """
+    rank = comm.get_rank()
+    logging.captureWarnings(True)  # warnings.warn (deprecations) -> the "py.warnings" logger
+    setup_logger(output_dir, distributed_rank=rank, name="py.warnings", abbrev_name="warn")
+    return setup_logger(output_dir, distributed_rank=rank, name="mabn_d2", abbrev_name="mabn_d2")
 
 
 def _first_line(error: BaseException) -> str:

@@ -311,3 +311,27 @@ def test_two_process_checkpoint_resumes_on_one_process(demo_datasets_dir, tmp_pa
             assert torch.equal(value, buffers[key]), key  # process 0 continues from saved process 0's state
     trainer.train()
     assert _load(tmp_path / "model_final.pth")["iteration"] == 3
+
+
+def test_plugin_warnings_land_in_log_txt_with_level_and_time(demo_datasets_dir, tmp_path):
+    """A run whose re-normalization starts late: the plugin's warning is in detectron2's log.txt."""
+    import re
+
+    from mabn_d2.engine import setup_cfg
+
+    class Args:
+        config_file, eval_only, resume = DEMO_CONFIG, False, False
+
+    out = tmp_path / "run"
+    cfg = setup_cfg(DEMO_CONFIG, TINY + ["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2",
+                                         "MODEL.MABN.WARMUP_FRACTION", "-1.0",
+                                         "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0"], args=Args())
+    register_demo_datasets(cfg)
+    trainer = MABNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    for handler in logging.getLogger("mabn_d2").handlers:
+        handler.flush()
+    log = (out / "log.txt").read_text()
+    line = next(line for line in log.splitlines() if "re-normalization starts after iteration" in line)
+    assert re.match(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] mabn_d2\.engine WARNING: MABN re-normalization", line), line
