@@ -1,14 +1,15 @@
-"""MABN for detectron2: importing it makes "MABN" and "BRN" valid NORM strings, and makes
-`build_model` finish every model with `prepare_mabn_model` (call it on models built by hand)."""
+"""MABN for detectron2: importing it makes "MABN" and "BRN" valid NORM strings in every detectron2
+builder. Build models with `mabn_d2.build_model(cfg)` (or detectron2's own entry points, which
+it points at the same function); models built by hand get `prepare_mabn_model`."""
 from .config import add_mabn_config
 from .layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from .deploy.fold import FoldReport, fold_mabn
 from .prepare import prepare_mabn_model
-from .registry import mabn_build_context, register_norms
+from .registry import build_model, mabn_build_context, register_norms
 
 register_norms()
 
 __all__ = [
-    "MABN2d", "BatchRenorm2d", "CenteredConv2d", "add_mabn_config", "mabn_build_context",
+    "MABN2d", "BatchRenorm2d", "CenteredConv2d", "add_mabn_config", "build_model", "mabn_build_context",
     "prepare_mabn_model", "register_norms", "fold_mabn", "FoldReport",
 ]

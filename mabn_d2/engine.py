@@ -115,6 +115,15 @@ class MABNTrainer(DefaultTrainer):
                 if message:
                     logger.warning(message)
 
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """`mabn_d2.build_model`: the MABN hyper-parameters of cfg, then the MABN pass."""
+        from .registry import build_model
+
+        model = build_model(cfg)
+        logging.getLogger(__name__).info("Model:\n%s", model)
+        return model
+
     def train(self):
         """Train, then return the final evaluation results (DefaultTrainer drops them).
 

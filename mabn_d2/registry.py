@@ -9,9 +9,12 @@ detectron2 is hooked in two places, each wrapped once (the wrapper keeps the ori
   detectron2 (detectron2.projects included) that bound it at import are pointed at the
   wrapper; later importers get it from `detectron2.layers`.
 - `build_model`: runs the build inside the context holding cfg.MODEL.MABN / cfg.MODEL.BRN
-  (`get_norm` never sees the cfg), then `prepare_mabn_model`. Every module binding the original
-  is pointed at the wrapper, also outside detectron2 (a script that imported it before
-  `mabn_d2`): a stale `build_model` would return a model without the pass, silently.
+  (`get_norm` never sees the cfg), then `prepare_mabn_model`. Only detectron2's own modules are
+  pointed at the wrapper, so its entry points (`DefaultTrainer`, `DefaultPredictor`, a later
+  `from detectron2.modeling import build_model`) build MABN models; a user module or `__main__`
+  keeps what it imported. The documented entry points are `mabn_d2.build_model(cfg)` and
+  `MABNTrainer`; a reference to detectron2's `build_model` taken before `import mabn_d2` builds
+  without the pass (then call `prepare_mabn_model` on its result).
 
 Everything else MABN needs (centralized convolutions, frozen stages, per-level statistics in
 RetinaNet's head) is the explicit pass `mabn_d2.prepare_mabn_model`. Models built another way
@@ -39,7 +42,7 @@ from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_con
 from .layers import BatchRenorm2d, MABN2d
 from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
-__all__ = ["register_norms", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
+__all__ = ["register_norms", "build_model", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -258,4 +261,13 @@ def register_norms() -> None:
         get_norm = _hook_function(_d2_batch_norm, "get_norm", _extend_get_norm)
         _rebind(get_norm, (module for name, module in loaded if _is_detectron2_module(name)))
         build_model = _hook_function(_d2_build, "build_model", _build_and_prepare)
-        _rebind(build_model, (module for _, module in loaded))
+        _rebind(build_model, (module for name, module in loaded if _is_detectron2_module(name)))
+
+
+def build_model(cfg: CfgNode) -> nn.Module:
+    """detectron2's build_model with the "MABN" / "BRN" hyper-parameters of cfg and the MABN pass
+    (`prepare_mabn_model`): the documented way to build a model from a config outside a trainer."""
+    register_norms()
+    with build_context_from_cfg(cfg), _per_level_norm_warning_dropped():
+        model = _original_of(_d2_build.build_model)(cfg)
+    return prepare_mabn_model(model)

@@ -3,6 +3,7 @@ frozen stages, per-level RetinaNet statistics), also run by hand."""
 import collections
 import importlib
 import logging
+import os
 import sys
 import types
 
@@ -314,8 +315,9 @@ def test_get_norm_rebinding_touches_only_detectron2_modules(monkeypatch):
     register_norms()
     assert outside.get_norm is original_get_norm  # other packages keep what they imported
     assert inside.get_norm is project.get_norm is d2_batch_norm.get_norm
-    # build_model is rebound everywhere: a stale one would build models without the pass, silently.
-    assert outside.build_model is inside.build_model is project.build_model is build_model
+    # build_model too is re-pointed inside detectron2 only; a user's module keeps its own reference
+    assert outside.build_model is original_build
+    assert inside.build_model is project.build_model is build_model
 
 
 # ---------------------------------------------------------------- Mask R-CNN R50-FPN (build only)
@@ -858,3 +860,32 @@ def test_panoptic_fpn_builds_and_runs_with_mabn_sem_seg_head():
     with torch.no_grad():
         (out,) = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
     assert {"sem_seg", "instances", "panoptic_seg"} <= set(out)
+
+
+def test_a_user_module_keeps_its_build_model_and_the_documented_entry_points_build_mabn():
+    from .conftest import REPO_ROOT
+
+    """In a fresh interpreter: a reference taken before `import mabn_d2` is not swapped."""
+    import subprocess
+    import textwrap
+
+    program = textwrap.dedent("""
+        import detectron2.modeling
+        from detectron2.modeling import build_model as users_build_model
+        original = detectron2.modeling.build_model
+        import mabn_d2
+        from mabn_d2.engine import MABNTrainer
+        from mabn_d2.layers import CenteredConv2d, MABN2d
+        from tests.test_registry import small_resnet_cfg
+        assert users_build_model is original, "a user's reference was swapped"
+        assert not getattr(users_build_model, "_mabn_d2_hook", False)
+        for build in (mabn_d2.build_model, MABNTrainer.build_model, detectron2.modeling.build_model):
+            model = build(small_resnet_cfg("MABN", 0))
+            stem = model.backbone.bottom_up.stem
+            assert isinstance(stem.conv1.norm, MABN2d) and type(stem.conv1) is CenteredConv2d, build
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
