@@ -10,21 +10,14 @@ from typing import Iterator, List, Tuple
 import torch
 from detectron2.config import CfgNode
 
-from .registry import NORMS
+from .registry import NORMS, STOCK_NORMS, valid_norm_names
 
 __all__ = ["STOCK_NORMS", "UsageError", "check_device", "check_norm_names", "check_writable_dir", "valid_norm_names"]
 
-# Norm names stock detectron2's get_norm knows (detectron2/layers/batch_norm.py).
-STOCK_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 
 class UsageError(ValueError):
     """An input that cannot work; the message is one line naming the key, path or device."""
-
-
-def valid_norm_names() -> List[str]:
-    """Every NORM string get_norm resolves: detectron2's and the ones mabn_d2 registers."""
-    return [name for name in STOCK_NORMS if name] + sorted(NORMS)
 
 
 def _norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]:

@@ -42,11 +42,13 @@ from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_con
 from .layers import BatchRenorm2d, MABN2d
 from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
-__all__ = ["register_norms", "build_model", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
+__all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
 
 logger = logging.getLogger(__name__)
 
 _HOOK_MARK = "_mabn_d2_hook"
+# Norm names stock detectron2's get_norm knows (detectron2/layers/batch_norm.py).
+STOCK_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 _LOCK = threading.Lock()
 
 # Keyword arguments for the layers that "MABN" / "BRN" build; empty means the layer defaults.
@@ -171,6 +173,11 @@ def _per_level_norm_warning_dropped() -> Iterator[None]:
 # ---------------------------------------------------------------- hooks (each wraps the original)
 
 
+def valid_norm_names() -> List[str]:
+    """Every NORM string get_norm resolves: detectron2's and the ones mabn_d2 registers."""
+    return [name for name in STOCK_NORMS if name] + sorted(NORMS)
+
+
 def _mark(fn: Callable) -> Callable:
     setattr(fn, _HOOK_MARK, True)
     return fn
@@ -196,8 +203,6 @@ def _extend_get_norm(original: Callable) -> Callable:
         except KeyError as error:
             if not (isinstance(norm, str) and error.args == (norm,)):
                 raise
-            from .preflight import valid_norm_names  # here: preflight imports this module
-
             raise ValueError(f"unknown NORM {norm!r}; valid names: {', '.join(valid_norm_names())}") from None
 
     return _mark(get_norm)

@@ -21,3 +21,59 @@ def test_import_mabn_d2_does_not_import_research_code():
 def test_research_code_imports_on_its_own():
     loaded = _modules_after("import mabn_d2.research.detection_study, mabn_d2.research.study")
     assert "mabn_d2.research.data" in loaded
+
+
+def _module_level_imports(path, module):
+    """The mabn_d2 modules `module` (at `path`) imports, at module level or inside functions."""
+    import ast
+
+    tree = ast.parse(open(path).read(), path)
+    package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "mabn_d2"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "mabn_d2":
+                continue
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}
+    return found
+
+
+def test_no_import_circle_in_the_package():
+    import os
+
+    from .conftest import REPO_ROOT
+
+    modules = {}
+    for root, _, files in os.walk(os.path.join(REPO_ROOT, "mabn_d2")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                dotted = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".")
+                modules[dotted.removesuffix(".__init__")] = path
+    graph = {m: {t for t in _module_level_imports(p, m) if t in modules and t != m} for m, p in modules.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # a package importing its own submodules is how packages work; a circle between modules is not
+    real = [c for c in cycles if not all(c[0].startswith(m) or m.startswith(c[0]) for m in c)]
+    assert not real, f"import circles: {real}"

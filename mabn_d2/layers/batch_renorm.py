@@ -58,6 +58,10 @@ def batch_renorm_step(
     return (x_work * scale + shift).to(x.dtype)
 
 
+def _first_use_check(x: torch.Tensor, state_dtype: torch.dtype):
+    return probe_triton_batch_renorm(x, state_dtype, public_step=batch_renorm_step)
+
+
 class BatchRenorm2d(HostIterationCounter):
     """BN whose training output is corrected towards the running statistics.
 
@@ -119,7 +123,7 @@ class BatchRenorm2d(HostIterationCounter):
         refuse_graph_capture(x, "BatchRenorm2d")
         triton_step = use_triton(x, lambda: triton_brn_unsupported_reason(
             x, self.weight, self.bias, self.running_mean, self.running_var), "BatchRenorm2d",
-            probe_triton_batch_renorm, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))
+            _first_use_check, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))
         self._advance_iteration()
         r_max, d_max = self.current_limits()
         if triton_step:

@@ -8,7 +8,7 @@ state is touched; it runs every kernel variant a training run will meet (batch s
 moving averages, moving averages with re-normalization) and compares outputs, gradients and
 state updates with the public-operation implementation.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,11 +88,13 @@ def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional
     return None
 
 
-def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None
-                              ) -> Optional[str]:
-    """None when Batch Renormalization's kernels agree with the public step (r, d clipped and free), else what differs."""
-    from .batch_renorm import batch_renorm_step
+def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
+                              public_step: Callable[..., torch.Tensor]) -> Optional[str]:
+    """None when Batch Renormalization's kernels agree with `public_step` (the layer's public-operation
+    step; r and d clipped and free), else what differs."""
     from .triton_batch_renorm import TritonBatchRenormFunction
+
+    batch_renorm_step = public_step
 
     channels = shape[1] if shape else _CHANNELS
 
