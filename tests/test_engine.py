@@ -135,7 +135,7 @@ def test_eval_only_reports_box_and_mask_ap(demo_datasets_dir, tmp_path):
 
 def test_norm_parameters_get_the_norm_weight_decay(demo_datasets_dir, tmp_path):
     cfg = setup_cfg(DEMO_CONFIG, TINY + ["SOLVER.WEIGHT_DECAY_NORM", "0.0", "SOLVER.WEIGHT_DECAY", "1e-4"])
-    from detectron2.modeling import build_model
+    from mabn_d2 import build_model
 
     model = build_model(cfg)
     optimizer = MABNTrainer.build_optimizer(cfg, model)

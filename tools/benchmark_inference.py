@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
+from mabn_d2 import build_model
 from detectron2.structures import Instances
 from torch import nn
 

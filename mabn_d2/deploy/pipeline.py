@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
+from ..registry import build_model
 from torch import nn
 
 from ..atomic_io import atomic_write

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Sequence
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
+from ..registry import build_model
 from torch import nn
 
 from ..atomic_io import atomic_write

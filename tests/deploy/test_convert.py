@@ -58,7 +58,7 @@ def test_torchvision_names_map_onto_detectron2_resnet():
 
 
 def test_converted_checkpoint_loads_into_the_mabn_finetune_model(torchvision_r50, tmp_path, caplog):
-    from detectron2.modeling import build_model
+    from mabn_d2 import build_model
 
     from mabn_d2.checkpoint import MABNCheckpointer
     from mabn_d2.engine import setup_cfg
@@ -148,7 +148,7 @@ def test_caffe2_affine_only_norms_become_unit_variance_and_are_counted(tmp_path)
 
 
 def _whole_detector_state():
-    from detectron2.modeling import build_model
+    from mabn_d2 import build_model
 
     from mabn_d2.engine import setup_cfg
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
-from detectron2.modeling import build_model
+from mabn_d2 import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
