@@ -42,7 +42,8 @@ from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_con
 from .layers import BatchRenorm2d, MABN2d
 from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
-__all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context", "brn_build_context", "build_context_from_cfg", "NORMS"]
+__all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context",
+           "brn_build_context", "build_context_from_cfg", "NORMS"]
 
 logger = logging.getLogger(__name__)
 

@@ -128,7 +128,8 @@ class BatchRenorm2d(HostIterationCounter):
         r_max, d_max = self.current_limits()
         if triton_step:
             return TritonBatchRenormFunction.apply(
-                x, self.weight, self.bias, self.running_mean, self.running_var, self.ema_update_rate, self.eps, r_max, d_max
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.ema_update_rate, self.eps,
+                r_max, d_max,
             )
         return batch_renorm_step(x, self.weight, self.bias, self.running_mean, self.running_var,
                                  self.ema_update_rate, self.eps, r_max, d_max)

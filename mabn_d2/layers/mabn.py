@@ -52,7 +52,8 @@ class MABN2d(MovingAverageNorm):
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            probe_triton_mabn, self.running_var.dtype, self.__dict__.setdefault("_backend_decisions", {}))
+                            probe_triton_mabn, self.running_var.dtype,
+                            self.__dict__.setdefault("_backend_decisions", {}))
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
             x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip

@@ -56,8 +56,8 @@ class TritonBatchRenormFunction(torch.autograd.Function):
                 x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
                 stats, c, h * w, count, plan.num_tiles, plan.num_splits,
                 ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
-                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-                BLOCK_S=plan.block_s,
+                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r,
+                BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
             )
             y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT],
                                       channels_last=channels_last)
