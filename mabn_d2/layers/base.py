@@ -33,7 +33,7 @@ class HostIterationCounter(nn.Module):
 
     def _advance_iteration(self) -> int:
         self._iteration += 1
-        self.num_batches_tracked.add_(1)
+        self._buffers["num_batches_tracked"].add_(1)
         return self._iteration
 
     def _reset_iteration(self) -> None:

@@ -36,11 +36,11 @@ def mabn_phase(
     """The phase of 1-based training iteration `iteration` (see docs/algorithm.md)."""
     if iteration < 1:
         raise ValueError(f"iteration must be >= 1, got {iteration}")
-    return MABNPhase(
-        iteration=iteration,
-        slot=iteration % buffer_size,
-        use_batch_statistics=iteration <= buffer_size or iteration < warmup_iters,
-        renormalize=iteration > max(renorm_warmup_iters, warmup_iters),
+    return MABNPhase(  # iteration, slot, use_batch_statistics, renormalize (positional: built every step)
+        iteration,
+        iteration % buffer_size,
+        iteration <= buffer_size or iteration < warmup_iters,
+        iteration > max(renorm_warmup_iters, warmup_iters),
     )
 
 

@@ -39,25 +39,30 @@ class MABN2d(MovingAverageNorm):
         if not self.training or x.numel() == 0:
             # An empty batch carries no statistics: it must not advance or touch the state.
             return mabn_inference(x, self.running_var, self.weight, self.bias, self.eps, self._zero_mean())
-        return self._training_step(x)
+        if torch.compiler.is_compiling():
+            return self._training_step_outside_graph(x)
+        return self._training_step(x)  # eager: no torch.compiler.disable wrapper to pay per step
 
-    @torch.compiler.disable
     def _training_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One training iteration, outside any torch.compile graph.
+        """One training iteration; under torch.compile it runs outside the graph (below).
 
         The step advances a host counter and picks its phase and backend in Python; traced, every
         iteration would change a guard and recompile. Eval (a frozen affine) stays compilable.
         """
         refuse_graph_capture(x, "MABN2d")
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
-        state = (self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer)
+        parameters, buffers = self._parameters, self._buffers  # direct reads: no Module.__getattr__ per tensor
+        state = (parameters["weight"], parameters["bias"], buffers["running_var"], buffers["x2_buffer"],
+                 buffers["gz_buffer"])
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            probe_triton_mabn, self.running_var.dtype,
+                            probe_triton_mabn, state[2].dtype,
                             self.__dict__.setdefault("_backend_decisions", {}))
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
             x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
         )
+
+    _training_step_outside_graph = torch.compiler.disable(_training_step)
 
     def _zero_mean(self) -> torch.Tensor:
         """A zero mean for eval's batch_norm call, allocated once per device and dtype, not per call.

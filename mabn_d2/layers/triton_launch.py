@@ -17,7 +17,7 @@ __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
     "launch_channel_affine", "plan_reduction_for", "matching_layout", "launch_guard", "launch_reduction",
-    "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR",
+    "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR", "StepPlan", "step_plan",
 ]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -159,6 +159,39 @@ def plan_reduction_for(x: torch.Tensor) -> Tuple[ReductionPlan, bool]:
     return reduction_plan(n, c, h * w, channels_last, sm_count(x.device), TUNING), channels_last
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Everything a training step's launches need that follows from the input's geometry alone.
+
+    Built once per (shape, strides, device) and reused, so a step spends no Python on plans.
+    """
+
+    reduction: ReductionPlan
+    affine: ElementwisePlan
+    channels_last: bool
+    channels: int
+    hw: int
+    count: int  # N * H * W, the elements each channel reduces over
+
+
+_step_plans: Dict[Tuple, StepPlan] = {}
+
+
+def step_plan(x: torch.Tensor) -> StepPlan:
+    """The cached StepPlan of a 4-D activation (a dict lookup once the geometry has been seen)."""
+    key = (x.shape, x.stride(), x.device)
+    plan = _step_plans.get(key)
+    if plan is None:
+        n, c, h, w = x.shape
+        channels_last = is_channels_last(x)
+        plan = StepPlan(reduction_plan(n, c, h * w, channels_last, sm_count(x.device), TUNING),
+                        elementwise_plan(n, c, h * w, channels_last, TUNING), channels_last, c, h * w, n * h * w)
+        if len(_step_plans) >= 4096:  # the ROI heads' batch changes every step: bound the cache
+            _step_plans.clear()
+        _step_plans[key] = plan
+    return plan
+
+
 _counters: Dict[Tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -249,22 +282,32 @@ def unsupported_input_reason(
 def launch_channel_affine(
     a: torch.Tensor, scale_a: torch.Tensor, shift: Optional[torch.Tensor],
     b: Optional[torch.Tensor] = None, scale_b: Optional[torch.Tensor] = None,
-    channels_last: Optional[bool] = None,
+    channels_last: Optional[bool] = None, plan: Optional[ElementwisePlan] = None,
 ) -> torch.Tensor:
     """a * scale_a[c] (+ b * scale_b[c]) (+ shift[c]) in one pass; b's dtype and a's layout when
-    b is given (a gradient for b), else a's dtype. `channels_last`: a's layout, if the caller knows it."""
-    out = torch.empty_like(a, dtype=a.dtype if b is None else b.dtype)
-    n, c, h, w = a.shape
+    b is given (a gradient for b), else a's dtype. `channels_last` and `plan`: a's layout and
+    elementwise plan, if the caller has them (a StepPlan: pass both), else derived here.
+
+    The scales are read as the first C elements of `scale_a` / `scale_b`: row 0 of a [rows, C]
+    workspace can be passed as the workspace itself, without a view.
+    """
+    out = torch.empty_like(a) if b is None or b.dtype == a.dtype else torch.empty_like(a, dtype=b.dtype)
     if channels_last is None:
         channels_last = is_channels_last(a)
-    plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
-    kernel_module("triton_common").channel_affine_kernel[plan.grid](
+    if plan is None:
+        n, c, h, w = a.shape
+        plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
+    _common_kernels().channel_affine_kernel[plan.grid](
         a, b if b is not None else a, scale_a, scale_b if scale_b is not None else scale_a,
-        shift if shift is not None else scale_a, out, plan.rows, plan.row_len, c,
+        shift if shift is not None else scale_a, out, plan.rows, plan.row_len, a.shape[1],
         HAS_B=b is not None, HAS_SHIFT=shift is not None, CHANNELS_LAST=channels_last,
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, num_warps=TUNING.num_warps,
     )
     return out
+
+
+def _common_kernels() -> ModuleType:
+    return kernel_module("triton_common")
 
 
 def matching_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from .functional import MABNPhase
 from .triton_launch import (
-    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, ring_block,
-    unsupported_input_reason, launch_guard, launch_reduction,
+    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
+    ring_block, step_plan, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -31,7 +31,13 @@ def triton_mabn_unsupported_reason(
 
 
 class TritonMABNFunction(torch.autograd.Function):
-    """One MABN training step on Triton kernels. Updates the layer state in place."""
+    """One MABN training step on Triton kernels. Updates the layer state in place.
+
+    Host work per step is kept to what the step needs: the launch geometry comes from a cached
+    `StepPlan`, each direction allocates one workspace (results, then partial sums) and passes it
+    whole, and the backward reads the forward's workspace (a few [C] rows plus its partial sums,
+    saved instead of a view of it); the weight and bias gradients are tensors of their own.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -50,27 +56,24 @@ class TritonMABNFunction(torch.autograd.Function):
         if x.numel() == 0:
             raise ValueError("TritonMABNFunction needs a non-empty batch (MABN2d answers an empty one in eval form)")
         kernels = kernel_module("triton_mabn_kernels")
+        plan = step_plan(x)
+        reduction = plan.reduction
         with launch_guard(x.device):
-            n, c, h, w = x.shape
-            plan, channels_last = plan_reduction_for(x)
-            # One allocation per launch: the statistics handed to backward, then the per-program partial
-            # sums. Statistics first, so both pointers' alignment depends on C only (one compiled variant).
-            workspace = torch.empty((kernels.STATS_ROWS + plan.num_splits, c), dtype=running_var.dtype,
-                                    device=x.device)
-            stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
-            launch_reduction(kernels.forward_statistics_kernel, plan.grid, x.device, "MABN2d forward",
-                x, weight, running_var, x2_buffer, partials, arrival_counters(x.device, plan.channel_blocks), stats,
-                c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, x2_buffer.shape[0],
+            stats = torch.empty((kernels.STATS_ROWS + reduction.num_splits, plan.channels), dtype=running_var.dtype,
+                                device=x.device)
+            buffer_size = x2_buffer.shape[0]
+            launch_reduction(kernels.forward_statistics_kernel, reduction.grid, x.device, "MABN2d forward",
+                x, weight, running_var, x2_buffer, stats, arrival_counters(x.device, reduction.channel_blocks),
+                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits, phase.slot, buffer_size,
                 ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
-                CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-                RENORMALIZE=phase.renormalize, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_RING=ring_block(x2_buffer.shape[0], plan.block_c),
+                CHANNELS_LAST=plan.channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
+                RENORMALIZE=phase.renormalize, BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c,
+                BLOCK_S=reduction.block_s, BLOCK_RING=ring_block(buffer_size, reduction.block_c),
             )
-            y = launch_channel_affine(x, stats[kernels.STATS_ALPHA], bias, channels_last=channels_last)
+            # alpha is the workspace's row 0 (STATS_ALPHA): the workspace is the scale
+            y = launch_channel_affine(x, stats, bias, channels_last=plan.channels_last, plan=plan.affine)
         ctx.save_for_backward(x, weight, stats)
-        ctx.gz_buffer = gz_buffer
-        ctx.phase = phase
-        ctx.eps = eps
+        ctx.backward_args = (gz_buffer, phase, eps)
         return y
 
     @staticmethod
@@ -78,25 +81,26 @@ class TritonMABNFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         kernels = kernel_module("triton_mabn_kernels")
         x, weight, stats = ctx.saved_tensors
-        phase: MABNPhase = ctx.phase
-        gz_buffer: torch.Tensor = ctx.gz_buffer
+        gz_buffer, phase, eps = ctx.backward_args
         grad_out = matching_layout(grad_out, x)
+        plan = step_plan(x)
+        reduction = plan.reduction
         with launch_guard(x.device):
-            n, c, h, w = x.shape
-            plan, channels_last = plan_reduction_for(x)
-            workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
-            grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
-            launch_reduction(kernels.backward_statistics_kernel, plan.grid, x.device, "MABN2d backward",
-                grad_out, x, weight, stats, gz_buffer, partials, arrival_counters(x.device, plan.channel_blocks), grads,
-                c, h * w, n * h * w, plan.num_tiles, plan.num_splits, phase.slot, gz_buffer.shape[0], ctx.eps,
-                CHANNELS_LAST=channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_RING=ring_block(gz_buffer.shape[0], plan.block_c),
+            workspace = torch.empty((kernels.GRADS_ROWS + 2 * reduction.num_splits, plan.channels),
+                                    dtype=stats.dtype, device=x.device)
+            grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+            buffer_size = gz_buffer.shape[0]
+            launch_reduction(kernels.backward_statistics_kernel, reduction.grid, x.device, "MABN2d backward",
+                grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
+                arrival_counters(x.device, reduction.channel_blocks),
+                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits, phase.slot, buffer_size,
+                eps, CHANNELS_LAST=plan.channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
+                BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c, BLOCK_S=reduction.block_s,
+                BLOCK_RING=ring_block(buffer_size, reduction.block_c),
             )
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = launch_channel_affine(
-                    grad_out, stats[kernels.STATS_ALPHA], None, b=x, scale_b=grads[kernels.GRADS_X_COEF],
-                    channels_last=channels_last,
-                )
-        return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None, None
+                # STATS_ALPHA and GRADS_X_COEF are row 0 of their workspaces: both pass whole
+                grad_x = launch_channel_affine(grad_out, stats, None, b=x, scale_b=workspace,
+                                               channels_last=plan.channels_last, plan=plan.affine)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None

@@ -20,10 +20,13 @@ __all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS
 # specialize on them (== 1, divisible by 16) and compile a new variant mid-training.
 SIZE_ARGS = ["HW", "count", "num_tiles", "num_splits", "slot"]
 
-# Rows of the per-channel tensor the forward hands to the backward ([STATS_ROWS, C]).
+# Each launch writes one workspace: its per-channel results first, then its per-program partial
+# sums (one allocation per launch, no views on the host). Rows of the forward's results, which
+# the backward reads ([STATS_ROWS, C]); alpha first, so the workspace itself is the affine's scale.
 STATS_ALPHA, STATS_INVSTD, STATS_R, STATS_CHI2, STATS_ROWS = 0, 1, 2, 3, 4
-# Rows of the backward's per-channel results ([GRADS_ROWS, C]).
-GRADS_WEIGHT, GRADS_BIAS, GRADS_X_COEF, GRADS_ROWS = 0, 1, 2, 3
+# The backward's workspace: dx's coefficient of x (row 0, passed whole to the affine for the same
+# reason), then its partial sums; dweight and dbias go to tensors of their own (the gradients).
+GRADS_X_COEF, GRADS_ROWS = 0, 1
 
 
 @triton.jit
@@ -51,18 +54,21 @@ def _ring_buffer_statistic(
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def forward_statistics_kernel(
-    x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, partials_ptr, counters_ptr, stats_ptr,
+    x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, workspace_ptr, counters_ptr,
     C, HW, count, num_tiles, num_splits, slot, buffer_size,
-    momentum: tl.float64, one_minus_momentum: tl.float64, eps: tl.float64,
+    ema_decay: tl.float64, one_minus_ema_decay: tl.float64, eps: tl.float64,
     clip_low: tl.float64, clip_high: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """chi2_B = mean(x^2) per channel, then MABN's forward statistics in the epilogue.
 
-    Grid (channel blocks, splits). Updates x2_buffer[slot] and running_var in place and writes
-    stats[STATS_ROWS, C]: alpha = weight*r/sqrt(chi2+eps), 1/sqrt(chi2+eps), r, chi2.
+    Grid (channel blocks, splits); workspace is [STATS_ROWS + num_splits, C]. Updates
+    x2_buffer[slot] and running_var in place and writes the workspace's first STATS_ROWS rows:
+    alpha = weight*r/sqrt(chi2+eps), 1/sqrt(chi2+eps), r, chi2.
     """
+    stats_ptr = workspace_ptr
+    partials_ptr = workspace_ptr + 4 * C  # after the STATS_ROWS rows
     acc_dtype: tl.constexpr = running_var_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -86,7 +92,8 @@ def forward_statistics_kernel(
         if RENORMALIZE:
             ratio = exact_div(std, exact_sqrt(running_var + eps_))
             r = clip(ratio, tl.full([], clip_low, acc_dtype), tl.full([], clip_high, acc_dtype))
-        updated = running_var * tl.full([], momentum, acc_dtype) + chi2 * tl.full([], one_minus_momentum, acc_dtype)
+        updated = (running_var * tl.full([], ema_decay, acc_dtype)
+                   + chi2 * tl.full([], one_minus_ema_decay, acc_dtype))
         tl.store(running_var_ptr + c_offs, keep_finite(updated, running_var), mask=c_mask)
         invstd = exact_div(tl.zeros_like(std) + 1.0, std)
         weight = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0)
@@ -99,17 +106,19 @@ def forward_statistics_kernel(
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def backward_statistics_kernel(
-    grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, partials_ptr, counters_ptr, grads_ptr,
+    grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, workspace_ptr, grad_weight_ptr, grad_bias_ptr,
+    counters_ptr,
     C, HW, count, num_tiles, num_splits, slot, buffer_size, eps: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """sum(dy*x) and sum(dy) per channel, then Psi_B, its ring buffer and SMA in the epilogue.
 
-    Grid (channel blocks, splits); partials is [2, num_splits, C]. Updates gz_buffer[slot] and
-    writes grads[GRADS_ROWS, C]: dweight, dbias and the coefficient of x in dx
-    (dx = dy * alpha + x * coefficient, coefficient = -Psi/(chi2+eps)).
+    Grid (channel blocks, splits); workspace is [GRADS_ROWS + 2 * num_splits, C]. Updates
+    gz_buffer[slot], writes the coefficient of x in dx into the workspace's row 0
+    (dx = dy * alpha + x * coefficient, coefficient = -Psi/(chi2+eps)), and dweight, dbias.
     """
+    partials_ptr = workspace_ptr + 1 * C  # after the GRADS_ROWS row
     acc_dtype: tl.constexpr = stats_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -137,7 +146,7 @@ def backward_statistics_kernel(
             gz_buffer_ptr, psi_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS, BLOCK_C, BLOCK_RING,
         )
         coefficient = -exact_div(psi, chi2 + tl.full([], eps, acc_dtype))
-        tl.store(grads_ptr + 0 * C + c_offs, sum_dy_z * r, mask=c_mask)  # GRADS_WEIGHT
-        tl.store(grads_ptr + 1 * C + c_offs, total_dy, mask=c_mask)  # GRADS_BIAS
-        tl.store(grads_ptr + 2 * C + c_offs, coefficient, mask=c_mask)  # GRADS_X_COEF
+        tl.store(workspace_ptr + c_offs, coefficient, mask=c_mask)  # GRADS_X_COEF
+        tl.store(grad_weight_ptr + c_offs, sum_dy_z * r, mask=c_mask)
+        tl.store(grad_bias_ptr + c_offs, total_dy, mask=c_mask)
         tl.store(counters_ptr + pid_c, 0)  # ready for the next launch
