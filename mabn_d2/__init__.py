@@ -4,8 +4,8 @@ it points at the same function); models built by hand get `prepare_mabn_model`."
 from .config import add_mabn_config
 from .layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from .deploy.fold import FoldReport, fold_mabn
-from .prepare import prepare_mabn_model
-from .registry import build_model, mabn_build_context, register_norms
+from .modeling.prepare import prepare_mabn_model
+from .modeling.registry import build_model, mabn_build_context, register_norms
 
 register_norms()
 

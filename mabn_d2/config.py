@@ -6,7 +6,7 @@ the warm-ups as fractions of SOLVER.MAX_ITER, and both sections keep the old MOM
 loading (deprecated) for configs written before the EMA rates got distinct names.
 
 detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
-through `mabn_d2.registry` (which reads them while `build_model` runs).
+through `mabn_d2.modeling.registry` (which reads them while `build_model` runs).
 """
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import train_net  # noqa: E402
 
-from mabn_d2.engine import MABNTrainer  # noqa: E402
+from mabn_d2.engine.trainer import MABNTrainer  # noqa: E402
 
 STOPPED = 17
 STOP_AFTER_ENV = "MABN_TEST_STOP_AFTER"

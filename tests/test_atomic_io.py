@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from mabn_d2.atomic_io import atomic_write, atomic_write_text, replace_directory, staged_directory
+from mabn_d2.engine.atomic_io import atomic_write, atomic_write_text, replace_directory, staged_directory
 
 from .conftest import REPO_ROOT
 

@@ -1,4 +1,4 @@
-"""tools/check_cuda.py: every part that runs without a GPU, run on the CPU.
+"""tools/check_cuda.py and its checks (mabn_d2.research.cuda_check): every part that runs without a GPU, on the CPU.
 
 Correctness, host-sync, autocast and timing checks take a device; here they run on "cpu" and
 must pass, and they must fail when the layer math or its host behaviour is broken. Without a
@@ -20,10 +20,17 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def check_cuda():
-    spec = importlib.util.spec_from_file_location("check_cuda", SCRIPT)
+    """The checks (mabn_d2.research.cuda_check); tools/check_cuda.py is their command line."""
+    import mabn_d2.research.cuda_check as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def check_cuda_tool():
+    spec = importlib.util.spec_from_file_location("check_cuda_tool", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.import_project()
     return module
 
 
@@ -59,20 +66,6 @@ def test_correctness_check_fails_when_the_math_is_wrong(check_cuda, monkeypatch)
 def test_correctness_check_requires_clipped_renormalization(check_cuda):
     row = check_cuda.check_mabn_against_spec(CPU, torch.float64, check_cuda.DEFAULT_PHASES, 30, 20)
     assert row.status == "FAIL" and "never clipped" in row.result
-
-
-def test_spec_matches_the_layer_test_reference(check_cuda):
-    """The script's vectorised spec and the per-channel reference of the layer tests agree."""
-    from .layers.test_mabn_layer import CUSTOM, ReferenceMABN
-
-    spec, reference = check_cuda.SpecMABN(6, **CUSTOM), ReferenceMABN(6, **CUSTOM)
-    generator = torch.Generator().manual_seed(5)
-    gamma, beta = torch.linspace(-1, 1, 6, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64)
-    for t in range(1, 60):
-        x, dy = check_cuda.phase_inputs(t, generator, jump_at=40)
-        for got, want in zip(spec.step(x, dy, gamma, beta), reference.step(x, dy, gamma, beta)):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert spec.clipped > 0
 
 
 def test_host_sync_checks_pass_on_the_cpu(check_cuda):
@@ -272,8 +265,8 @@ def test_rows_stream_as_measured_into_stdout_and_the_file_and_the_summary_fits_8
     assert text.count("| correctness |") == 200 and "y" * 300 in text  # details in full in the file
 
 
-def test_missing_packages_are_named(check_cuda, monkeypatch):
+def test_missing_packages_are_named(check_cuda_tool, monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     monkeypatch.setitem(sys.modules, "yacs", None)
-    missing = check_cuda.missing_packages()
+    missing = check_cuda_tool.missing_packages()
     assert "pycocotools" in missing and "yacs" in missing and "torchvision" not in missing

@@ -17,15 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from mabn_d2.checkpoint import (
-    RANK_STATES_KEY,
-    CheckpointError,
-    MABNCheckpointer,
-    check_resume_point,
-    read_checkpoint,
+from mabn_d2.engine.checkpoint import (
+    RANK_STATES_KEY, CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint,
 )
 from mabn_d2.layers import MABN2d
-from mabn_d2.rank_state import capture_rank_state, restore_rank_state
+from mabn_d2.engine.rank_state import capture_rank_state, restore_rank_state
 
 from .conftest import REPO_ROOT
 
@@ -79,7 +75,7 @@ KILLED_WHILE_SAVING = textwrap.dedent(
     """
     import os, signal, sys, torch
     from torch import nn
-    from mabn_d2.checkpoint import MABNCheckpointer
+    from mabn_d2.engine.checkpoint import MABNCheckpointer
     from mabn_d2.layers import MABN2d
     checkpointer = MABNCheckpointer(nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4)), sys.argv[1])
     checkpointer.save("model_final", iteration=1)
@@ -207,7 +203,7 @@ def test_another_process_count_takes_buffers_of_rank_mod_n_and_keeps_its_rng(wor
     model = _model(seed=5)
     torch.manual_seed(7)
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"), _handled_by(caplog, "mabn_d2.rank_state"):
+    with caplog.at_level(logging.WARNING, logger="mabn_d2.engine.rank_state"), _handled_by(caplog, "mabn_d2.engine.rank_state"):
         restore_rank_state(model, saved, rank=rank, world_size=world_size, source="model_0000003.pth")
     assert torch.equal(model[1].x2_buffer, saved[source_rank]["buffers"]["1.x2_buffer"])
     assert torch.equal(torch.get_rng_state(), rng)

@@ -9,7 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 from mabn_d2 import build_model
 
 from mabn_d2 import prepare_mabn_model
-from mabn_d2.engine import setup_cfg
+from mabn_d2.engine.trainer import setup_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
 
 from .conftest import REPO_ROOT

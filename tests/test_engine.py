@@ -11,8 +11,8 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from mabn_d2.research.data.builtin import register_demo_datasets
-from mabn_d2.engine import MABNTrainer, setup_cfg
+from mabn_d2.data.builtin import register_demo_datasets
+from mabn_d2.engine.trainer import MABNTrainer, setup_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
 
 from .conftest import REPO_ROOT
@@ -302,7 +302,7 @@ def test_two_process_checkpoint_resumes_on_one_process(demo_datasets_dir, tmp_pa
 
     trainer = MABNTrainer(_tiny_cfg(tmp_path, *MABN_QUICK, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
                                     "DATASETS.TEST", "()"))
-    with caplog.at_level(logging.WARNING, logger="mabn_d2.rank_state"), _handled_by(caplog, "mabn_d2.rank_state"):
+    with caplog.at_level(logging.WARNING, logger="mabn_d2.engine.rank_state"), _handled_by(caplog, "mabn_d2.engine.rank_state"):
         trainer.resume_or_load(resume=True)
     assert "was written by 2 processes and this run has 1" in caplog.text and "not exact" in caplog.text
     buffers = saved["rank_states"][0]["buffers"]
@@ -317,7 +317,7 @@ def test_plugin_warnings_land_in_log_txt_with_level_and_time(demo_datasets_dir, 
     """A run whose re-normalization starts late: the plugin's warning is in detectron2's log.txt."""
     import re
 
-    from mabn_d2.engine import setup_cfg
+    from mabn_d2.engine.trainer import setup_cfg
 
     class Args:
         config_file, eval_only, resume = DEMO_CONFIG, False, False

@@ -3,8 +3,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator, SemSegEvaluator
 
-from mabn_d2.engine import MABNTrainer
-from mabn_d2.evaluation import build_evaluator_for_dataset
+from mabn_d2.engine.trainer import MABNTrainer
+from mabn_d2.engine.evaluation import build_evaluator_for_dataset
 
 from .test_engine import _tiny_cfg
 
@@ -40,7 +40,7 @@ def test_panoptic_gets_semseg_coco_and_panoptic(demo_datasets_dir, tmp_path, mon
     cfg = _tiny_cfg(tmp_path)
     built = []
     for name in ("SemSegEvaluator", "COCOEvaluator", "COCOPanopticEvaluator"):
-        monkeypatch.setattr(f"mabn_d2.evaluation.{name}", lambda *a, _n=name, **k: built.append(_n) or _n)
+        monkeypatch.setattr(f"mabn_d2.engine.evaluation.{name}", lambda *a, _n=name, **k: built.append(_n) or _n)
     panoptic = _register("mabn_test_panoptic", evaluator_type="coco_panoptic_seg")
     evaluator = build_evaluator_for_dataset(cfg, panoptic)
     assert isinstance(evaluator, DatasetEvaluators)
@@ -61,7 +61,7 @@ def test_unknown_evaluator_type_names_the_dataset(demo_datasets_dir, tmp_path):
 def test_sampler_train_uses_detectron2s_loader(demo_datasets_dir, tmp_path, monkeypatch, sampler):
     cfg = _tiny_cfg(tmp_path, "DATALOADER.SAMPLER_TRAIN", sampler)
     calls = []
-    import mabn_d2.engine as engine
+    import mabn_d2.engine.trainer as engine
 
     real = engine.build_detection_train_loader
     monkeypatch.setattr(engine, "build_detection_train_loader", lambda *a, **k: calls.append((a, k)) or real(*a, **k))

@@ -1,4 +1,5 @@
-"""The plugin stays apart from the research code: `import mabn_d2` loads neither it nor matplotlib."""
+"""The package's rooms: `import mabn_d2` loads the norm and its detectron2 integration only (no
+trainer, no demo data, no research code, no matplotlib); user tools import no research code."""
 import subprocess
 import sys
 
@@ -13,14 +14,31 @@ def _modules_after(statement: str) -> set:
 
 def test_import_mabn_d2_does_not_import_research_code():
     loaded = _modules_after("import mabn_d2")
-    assert "mabn_d2.registry" in loaded and "mabn_d2.layers.mabn" in loaded
-    assert not {m for m in loaded if m.startswith("mabn_d2.research")}
+    assert "mabn_d2.modeling.registry" in loaded and "mabn_d2.layers.mabn" in loaded
+    assert not {m for m in loaded if m.startswith(("mabn_d2.research", "mabn_d2.engine", "mabn_d2.data"))}
     assert "matplotlib" not in loaded
+
+
+USER_TOOLS = ("train_net.py", "fold_mabn.py", "convert_pretrained.py", "check_cuda.py", "reestimate_mabn_stats.py",
+              "benchmark_layers.py", "benchmark_train.py", "benchmark_inference.py")
+
+
+def test_user_tools_import_no_research_code():
+    import ast
+    import os
+
+    for name in USER_TOOLS:
+        path = os.path.join(REPO_ROOT, "tools", name)
+        tree = ast.parse(open(path).read(), path)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        research = sorted(m for m in imported if m.startswith("mabn_d2.research"))
+        assert not research, f"tools/{name} imports research code: {research}"
 
 
 def test_research_code_imports_on_its_own():
     loaded = _modules_after("import mabn_d2.research.detection_study, mabn_d2.research.study")
-    assert "mabn_d2.research.data" in loaded
+    assert "mabn_d2.data" in loaded
 
 
 def _module_level_imports(path, module):

@@ -27,9 +27,9 @@ from detectron2.utils.events import EventStorage
 from mabn_d2 import (
     BatchRenorm2d, CenteredConv2d, MABN2d, add_mabn_config, mabn_build_context, prepare_mabn_model, register_norms,
 )
-from mabn_d2 import registry
-from mabn_d2.cycle import CycleMABNList
-from mabn_d2.registry import brn_build_context, build_context_from_cfg
+from mabn_d2.modeling import registry
+from mabn_d2.modeling.cycle import CycleMABNList
+from mabn_d2.modeling.registry import brn_build_context, build_context_from_cfg
 
 MABN_CFG = dict(BUFFER_SIZE=4, EMA_DECAY=0.9, WARMUP_ITERS=7, RENORM_WARMUP_ITERS=30, RENORM_CLIP=2.5, EPS=1e-3)
 MABN_ATTRS = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=2.5, eps=1e-3)
@@ -421,7 +421,7 @@ def test_stock_build_model_equals_the_trainers_and_the_predictors(arch):
     from detectron2.engine import DefaultPredictor, DefaultTrainer
     from detectron2.modeling import build_model as stock_build_model
 
-    from mabn_d2.engine import MABNTrainer
+    from mabn_d2.engine.trainer import MABNTrainer
 
     cfg = frozen_stem_res2_cfg(arch)
     stock = seeded(lambda: stock_build_model(cfg))
@@ -545,7 +545,7 @@ def test_conv_subclass_feeding_mabn_is_left_alone_with_a_warning():
         pass
 
     conv = OwnConv(4, 6, kernel_size=3, norm=MABN2d(6))
-    with RecordWarnings("mabn_d2.prepare") as records:
+    with RecordWarnings("mabn_d2.modeling.prepare") as records:
         prepare_mabn_model(nn.Sequential(conv))
     assert type(conv) is OwnConv
     assert len(records.messages) == 1 and "0 (OwnConv) feeds an MABN layer" in records.messages[0]
@@ -874,7 +874,7 @@ def test_a_user_module_keeps_its_build_model_and_the_documented_entry_points_bui
         from detectron2.modeling import build_model as users_build_model
         original = detectron2.modeling.build_model
         import mabn_d2
-        from mabn_d2.engine import MABNTrainer
+        from mabn_d2.engine.trainer import MABNTrainer
         from mabn_d2.layers import CenteredConv2d, MABN2d
         from tests.test_registry import small_resnet_cfg
         assert users_build_model is original, "a user's reference was swapped"

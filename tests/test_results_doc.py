@@ -11,7 +11,7 @@ from mabn_d2.research.run_records import load_records
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "results.md"
-RECORD_FOLDERS = ("detection_study", "detection_long_schedule", "paper_setting")
+RECORD_FOLDERS = sorted({p.parent.name for p in RESULTS.glob("*/*_seed*.json")})  # every folder of run records
 # box / mask AP pairs and mean ± std figures, the shapes the reading cites AP in
 FIGURE = re.compile(r"\d+\.\d ± \d+\.\d|\d+\.\d / \d+\.\d")
 

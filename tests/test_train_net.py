@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from mabn_d2.checkpoint import MABNCheckpointer
+from mabn_d2.engine.checkpoint import MABNCheckpointer
 from mabn_d2.layers import MABN2d
-from mabn_d2.preflight import UsageError, check_device, check_norm_names, check_writable_dir
+from mabn_d2.engine.preflight import UsageError, check_device, check_norm_names, check_writable_dir
 
 from .conftest import REPO_ROOT
 

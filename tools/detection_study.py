@@ -21,7 +21,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from mabn_d2.atomic_io import atomic_write_text
+from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.detection_report import detection_report, plot_records
 from mabn_d2.research.detection_study import VARIANTS, evaluation_curve, run_detection_study
 from mabn_d2.research.paper_setting import ARMS, run_study

@@ -27,13 +27,13 @@ from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
 from mabn_d2.config import add_mabn_config
-from mabn_d2.research.data.builtin import register_demo_datasets
+from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.deploy import ExportError
 from mabn_d2.deploy.export_formats import EXPORT_FORMATS
 from mabn_d2.deploy.output_dir import check_output_dir
 from mabn_d2.deploy.pipeline import fold_checkpoint
 from mabn_d2.deploy.verify import TOLERANCES
-from mabn_d2.preflight import UsageError, check_device
+from mabn_d2.engine.preflight import UsageError, check_device, first_line
 
 logger = logging.getLogger("mabn_d2.fold_mabn")
 
@@ -66,11 +66,11 @@ def main(argv=None) -> int:
         try:
             cfg.merge_from_file(args.config_file)
         except Exception as e:  # missing file, bad YAML, unknown keys
-            raise ExportError(f"cannot read config {args.config_file} ({_first_line(e)})") from e
+            raise ExportError(f"cannot read config {args.config_file} ({first_line(e)})") from e
         try:
             cfg.merge_from_list(args.opts)
         except Exception as e:  # unknown key, odd number of items
-            raise ExportError(f"bad config override {args.opts} ({_first_line(e)})") from e
+            raise ExportError(f"bad config override {args.opts} ({first_line(e)})") from e
         if (args.verify > 0 or args.export) and not args.images:
             register_demo_datasets(cfg)
         result = fold_checkpoint(
@@ -92,10 +92,6 @@ def main(argv=None) -> int:
     for path in result.files:
         print(f"wrote {path}")
     return 0
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 if __name__ == "__main__":

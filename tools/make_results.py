@@ -9,7 +9,7 @@ results/ regenerates the same document.
   results/detection_study/<run>.json, command.txt, reading.md   section 3, tables and curves rendered here
   results/detection_long_schedule/<run>.json   section 3.1 (GPU, 3,000 iterations)
   results/benchmarks/section.md                 section 4, the benchmark scripts' tables
-  results/paper_setting/<run>.json, command.txt, reading.md     section 5, table rendered here
+  results/paper_setting*/<run>.json, intro.md, command.txt, reading.md   section 5, one subsection per schedule
 docs/results_reading.md is the hand-written reading, included verbatim at the top.
 
   python tools/make_results.py                       # regenerate docs/results.md
@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-from mabn_d2.atomic_io import atomic_write_text
+from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.benchmarking import markdown_table
 from mabn_d2.research.detection_report import curves_table_all, detection_report, plot_records
 from mabn_d2.research.paper_setting_report import paper_setting_table
@@ -78,14 +78,29 @@ def long_schedule_section(folder: Path) -> List[str]:
             f"One seed per variant; {'; '.join(sources)}.", "", curves_table_all(records, min_evaluations=1), ""]
 
 
-def paper_setting_section(folder: Path) -> List[str]:
-    records = load_records(str(folder))
-    settings = sorted({r.get("setting", "") for r in records} - {""})
-    commits = sorted({r["commit"] for r in records if r["commit"]})
-    return ["## 5. Paper setting in one process: 8 virtual GPUs x 2 images (SGD batch 16)", "",
-            *(f"Setting: {s}." for s in settings), f"Trained at commit(s) {', '.join(commits)}.", "",
-            *_optional_text(folder / "intro.md"), paper_setting_table(records), "",
-            *_optional_text(folder / "reading.md"), *_optional_text(folder / "command.txt", "Reproduce: `{}`")]
+def paper_setting_folders(results: Path) -> List[Path]:
+    """The paper-setting studies' record folders (results/paper_setting*), longest schedule first."""
+    folders = [f for f in results.glob("paper_setting*") if list(f.glob("*_seed*.json"))]
+
+    def steps(folder: Path) -> int:
+        return max(int(max(r["curve"], key=int)) for r in load_records(str(folder)))
+
+    return sorted(folders, key=lambda f: (-steps(f), f.name))
+
+
+def paper_setting_section(folders: List[Path]) -> List[str]:
+    """Section 5: one subsection per schedule, each with its setting, commits, table and reading."""
+    lines = ["## 5. Paper setting in one process: 8 virtual GPUs x 2 images (SGD batch 16)", ""]
+    for number, folder in enumerate(folders, start=1):
+        records = load_records(str(folder))
+        settings = sorted({r.get("setting", "") for r in records} - {""})
+        commits = sorted({r["commit"] for r in records if r["commit"]})
+        steps = max(int(max(r["curve"], key=int)) for r in records)
+        lines += [f"### 5.{number} {steps} steps (results/{folder.name})", "",
+                  *(f"Setting: {s}." for s in settings), f"Trained at commit(s) {', '.join(commits)}.", "",
+                  *_optional_text(folder / "intro.md"), paper_setting_table(records), "",
+                  *_optional_text(folder / "reading.md"), *_optional_text(folder / "command.txt", "Reproduce: `{}`")]
+    return lines
 
 
 # ----------------------------------------------------------------------- importing fresh tool outputs
@@ -149,8 +164,8 @@ def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") ->
         lines += long_schedule_section(results / "detection_long_schedule")
     if (results / "benchmarks" / "section.md").exists():
         lines += committed_section(results / "benchmarks", docs)
-    if list((results / "paper_setting").glob("*_seed*.json")):
-        lines += paper_setting_section(results / "paper_setting")
+    if paper_setting_folders(results):
+        lines += paper_setting_section(paper_setting_folders(results))
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
     atomic_write_text(str(output), text)
     return text

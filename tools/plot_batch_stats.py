@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mabn_d2.atomic_io import atomic_write, atomic_write_json
+from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json
 from mabn_d2.research.stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
 from mabn_d2.research.study import NORMS, StudyConfig, norm_label, record_batch_statistics
 

@@ -10,7 +10,6 @@ study tools read it like a training run's). Checkpoints already evaluated there 
   python tools/reestimate_mabn_stats.py --run-dir RUN --output-dir OUT --all-evaluated --num-batches 100
 """
 import argparse
-import os
 import sys
 from typing import List, Optional
 

@@ -18,8 +18,8 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 import mabn_d2  # noqa: F401
+from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
-from mabn_d2.research.data.builtin import register_demo_datasets
 
 
 class _LossTrace(HookBase):

@@ -22,17 +22,17 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
-from mabn_d2.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
-from mabn_d2.research.data.builtin import register_demo_datasets
+from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
-from mabn_d2.preflight import UsageError, check_device, check_writable_dir
+from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
+from mabn_d2.engine.preflight import UsageError, check_device, check_writable_dir
 
 logger = logging.getLogger("mabn_d2.train_net")
 USAGE_ERROR_STATUS = 2
 
 
 def main(args):
-    cfg = setup_cfg(args.config_file, args.opts, args)
+    cfg = setup_cfg(args.config_file, args.opts, args, check_output=False)  # check_before_start did those
     register_demo_datasets(cfg)
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)

@@ -10,7 +10,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 from torch import nn
 
-from ..atomic_io import atomic_write
+from ..engine.atomic_io import atomic_write
 from .verify import PredictionDiff, compare_predictions
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """The folded model's config: MABN norms become FrozenBN, mabn_d2-only keys are dropped, so stock
 detectron2 builds it."""
 import logging
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional
 
 from detectron2.config import CfgNode, get_cfg
 
-from ..preflight import STOCK_NORMS
+from ..engine.preflight import STOCK_NORMS, norm_items
 from .errors import ExportError
 from .fold import FoldReport
 
@@ -14,15 +14,7 @@ logger = logging.getLogger(__name__)
 
 def mabn_norm_keys(cfg: CfgNode) -> List[str]:
     """Dotted names of the NORM keys set to "MABN" (e.g. "MODEL.RESNETS.NORM")."""
-    return [key for key, value in _norm_items(cfg) if value == "MABN"]
-
-
-def _norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]:
-    for key, value in node.items():
-        if isinstance(value, CfgNode):
-            yield from _norm_items(value, f"{prefix}{key}.")
-        elif key == "NORM":
-            yield f"{prefix}{key}", value
+    return [key for key, value in norm_items(cfg) if value == "MABN"]
 
 
 def frozen_config(cfg: CfgNode, report: Optional[FoldReport] = None, weights: str = "") -> CfgNode:
@@ -43,7 +35,7 @@ def frozen_config(cfg: CfgNode, report: Optional[FoldReport] = None, weights: st
     unknown = _remove_unknown_keys(folded, get_cfg())
     if unknown:
         logger.info("Removed keys stock detectron2 does not define: %s", ", ".join(unknown))
-    odd = [f"{key}={value!r}" for key, value in _norm_items(folded) if value not in STOCK_NORMS]
+    odd = [f"{key}={value!r}" for key, value in norm_items(folded) if value not in STOCK_NORMS]
     if odd:
         raise ExportError(
             f"config uses norms stock detectron2 does not know ({', '.join(odd)}); only MABN is folded"

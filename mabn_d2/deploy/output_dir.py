@@ -5,8 +5,8 @@ import os
 from typing import Iterator
 
 
-from ..atomic_io import replace_directory, staged_directory
-from ..preflight import UsageError, check_writable_dir
+from ..engine.atomic_io import replace_directory, staged_directory
+from ..engine.preflight import UsageError, check_writable_dir
 from .errors import ExportError
 
 

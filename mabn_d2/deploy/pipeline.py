@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.config import CfgNode
-from ..registry import build_model
 from torch import nn
 
-from ..atomic_io import atomic_write
-from ..preflight import UsageError, check_device
+from ..engine.atomic_io import atomic_write
+from ..engine.preflight import UsageError, check_device
+from ..modeling.registry import build_model
 from .errors import ExportError
 from .fold import FoldReport, fold_mabn
 from .frozen_config import frozen_config

@@ -6,11 +6,11 @@ from typing import Callable, Dict, Sequence
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from ..registry import build_model
 from torch import nn
 
-from ..atomic_io import atomic_write
-from ..checkpoint import describe_unreadable
+from ..engine.atomic_io import atomic_write
+from ..engine.checkpoint import describe_unreadable
+from ..modeling.registry import build_model
 from .errors import ExportError
 from .frozen_config import mabn_norm_keys
 

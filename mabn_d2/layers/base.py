@@ -4,18 +4,51 @@ Phase decisions (warm-ups, ring-buffer slot) are taken from a Python int so that
 step never reads the device; the count is mirrored in the `num_batches_tracked` buffer so a
 checkpoint restores it, and read back once at load time.
 """
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
-from .functional import MABNPhase, mabn_phase
 from .hyperparams import MABN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 
 _DEFAULTS = defaults(MABN_HYPERPARAMETERS)
 
-__all__ = ["HostIterationCounter", "MovingAverageNorm", "frozen_batchnorm_from"]
+__all__ = ["MABNPhase", "mabn_phase", "running_var_decay", "HostIterationCounter", "MovingAverageNorm",
+           "frozen_batchnorm_from"]
+
+
+class MABNPhase(NamedTuple):
+    """What one training iteration of an MABN layer does, decided on the host (a tuple: cheap per step)."""
+
+    iteration: int  # 1-based count of training forwards, this one included
+    slot: int  # ring-buffer row written by this iteration
+    use_batch_statistics: bool  # early phase: chi2_B and Psi_B instead of their moving averages
+    renormalize: bool  # apply the clipped re-normalization factor r
+
+
+def mabn_phase(
+    iteration: int, buffer_size: int, warmup_iters: int, renorm_warmup_iters: int
+) -> MABNPhase:
+    """The phase of 1-based training iteration `iteration` (see docs/algorithm.md)."""
+    if iteration < 1:
+        raise ValueError(f"iteration must be >= 1, got {iteration}")
+    return MABNPhase(  # iteration, slot, use_batch_statistics, renormalize (positional: built every step)
+        iteration,
+        iteration % buffer_size,
+        iteration <= buffer_size or iteration < warmup_iters,
+        iteration > max(renorm_warmup_iters, warmup_iters),
+    )
+
+
+def running_var_decay(ema_decay: float, phase: MABNPhase) -> float:
+    """EMA decay for running_var in this iteration: 0 at the first, so it starts from data.
+
+    As in the official classification code: an EMA started from the initial 1 would still carry
+    ema_decay^t of that 1 when re-normalization starts. The iteration counter is in the state,
+    so resume and load stay exact.
+    """
+    return ema_decay if phase.iteration > 1 else 0.0
 
 
 class HostIterationCounter(nn.Module):

@@ -5,8 +5,8 @@ from torch import nn
 from .backend import refuse_graph_capture, use_triton
 from .base import HostIterationCounter
 from .hyperparams import BRN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
-from .triton_batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
-from .triton_probe import probe_triton_batch_renorm
+from .triton.batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
+from .triton.probe import probe_triton_batch_renorm
 
 __all__ = ["BatchRenorm2d", "renorm_limits", "batch_renorm_step"]
 

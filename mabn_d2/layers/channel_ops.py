@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 __all__ = [
+    "channel_view", "keep_finite",
     "accumulation_dtype", "channel_sum", "channel_sum_of_squares", "channel_sum_of_products", "channel_normalize",
 ]
 
@@ -79,3 +80,12 @@ def channel_normalize(
     if mean is None:
         mean = torch.zeros_like(var)
     return torch.nn.functional.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
+
+
+def channel_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per-channel guard: a non-finite statistic leaves the stored value unchanged."""
+    return torch.where(torch.isfinite(new), new, old)

@@ -1,13 +1,109 @@
-"""MABN2d: Moving Average Batch Normalization (Yan et al., ICLR 2020) as a thin module."""
+"""MABN: Moving Average Batch Normalization (Yan et al., ICLR 2020), its autograd Function and module.
+
+One training step is an autograd Function: the forward normalizes by the (moving average of
+the) uncentred second moment chi2, the backward replaces the batch statistic Psi_B by its
+moving average. MABN's mean is zero by definition, so no mean enters the math.
+
+Every operation of `MABNFunction` is a public PyTorch one with the same meaning on every device
+(see `channel_ops`): one reduction and one elementwise pass in the forward, two reductions and
+two elementwise passes in the backward, the input as the only activation saved for backward.
+No statistic ever leaves the device, so a step never synchronises with the host. On CUDA the
+same step runs on Triton kernels (`triton/`), chosen per step by `backend`.
+"""
+from typing import Optional, Tuple
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backend import refuse_graph_capture, use_triton
-from .base import MovingAverageNorm
-from .functional import MABNFunction, mabn_inference, running_var_decay
-from .triton_mabn import TritonMABNFunction, triton_mabn_unsupported_reason
-from .triton_probe import probe_triton_mabn
+from .base import MABNPhase, MovingAverageNorm, running_var_decay
+from .channel_ops import (
+    accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_sum_of_squares, channel_view,
+    keep_finite,
+)
+from .triton.mabn import TritonMABNFunction, triton_mabn_unsupported_reason
+from .triton.probe import probe_triton_mabn
 
-__all__ = ["MABN2d"]
+__all__ = ["MABN2d", "MABNFunction", "mabn_inference"]
+
+
+def mabn_inference(
+    x: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    zero_mean: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Eval-mode MABN: the frozen affine gamma * x / sqrt(running_var + eps) + beta.
+
+    `zero_mean` (the layer's all-zero running_mean) saves allocating a zero mean per call.
+    """
+    return channel_normalize(x, running_var, weight, bias, eps, mean=zero_mean)
+
+
+class MABNFunction(torch.autograd.Function):
+    """One MABN training step. Updates the layer state in place (ring buffers, running_var)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        running_var: torch.Tensor,
+        x2_buffer: torch.Tensor,
+        gz_buffer: torch.Tensor,
+        phase: MABNPhase,
+        ema_decay: float,
+        eps: float,
+        renorm_clip: float,
+    ) -> torch.Tensor:
+        count = x.numel() // x.shape[1]
+        sum_x2 = channel_sum_of_squares(x, accumulation_dtype(x, running_var))
+        chi2_batch = (sum_x2 / count).to(running_var.dtype)
+        x2_buffer[phase.slot] = keep_finite(chi2_batch, x2_buffer[phase.slot])
+        chi2 = chi2_batch if phase.use_batch_statistics else x2_buffer.mean(0)
+
+        r: Optional[torch.Tensor] = None
+        if phase.renormalize:
+            r = ((chi2 + eps).sqrt() / (running_var + eps).sqrt()).clamp(1.0 / renorm_clip, renorm_clip)
+        updated_var = running_var * ema_decay + chi2 * (1.0 - ema_decay)
+        running_var.copy_(keep_finite(updated_var, running_var))
+
+        scale = weight if r is None else weight * r
+        y = channel_normalize(x, chi2, scale, bias, eps)
+
+        ctx.save_for_backward(x, scale, chi2, r)
+        ctx.gz_buffer = gz_buffer
+        ctx.phase = phase
+        ctx.eps = eps
+        ctx.count = count
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, scale, chi2, r = ctx.saved_tensors
+        phase: MABNPhase = ctx.phase
+        gz_buffer: torch.Tensor = ctx.gz_buffer
+
+        # With s = sqrt(chi2 + eps) and z = x / s: sum(dy * z) = sum(dy * x) / s.
+        accumulate = accumulation_dtype(grad_out, chi2)
+        inv_std = (chi2 + ctx.eps).rsqrt()
+        sum_dy_z = (channel_sum_of_products(grad_out, x, accumulate) * inv_std).to(chi2.dtype)
+        sum_dy = channel_sum(grad_out, accumulate) if ctx.needs_input_grad[2] else None
+        psi_batch = (scale * sum_dy_z / ctx.count).to(gz_buffer.dtype)
+        gz_buffer[phase.slot] = keep_finite(psi_batch, gz_buffer[phase.slot])
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            psi = psi_batch if phase.use_batch_statistics else gz_buffer.mean(0)
+            # dx = (g_z - z * Psi) / s = dy * scale / s - x * Psi / s^2, in two passes.
+            grad_x = channel_normalize(grad_out, chi2, scale, None, ctx.eps)
+            grad_x.addcmul_(x, channel_view(psi * inv_std.square()), value=-1)
+        grad_weight = sum_dy_z if r is None else sum_dy_z * r
+        return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None
+
+
+def _first_use_check(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
+    return probe_triton_mabn(x, state_dtype, public_function=MABNFunction)
 
 
 class MABN2d(MovingAverageNorm):
@@ -55,7 +151,7 @@ class MABN2d(MovingAverageNorm):
         state = (parameters["weight"], parameters["bias"], buffers["running_var"], buffers["x2_buffer"],
                  buffers["gz_buffer"])
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            probe_triton_mabn, state[2].dtype,
+                            _first_use_check, state[2].dtype,
                             self.__dict__.setdefault("_backend_decisions", {}))
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
@@ -91,5 +187,5 @@ class MABN2d(MovingAverageNorm):
             error_msgs.append(
                 f"{key}: {type(self).__name__}'s mean is zero by definition, got a non-zero running_mean "
                 f"(largest magnitude {float(mean.abs().max()):.4g}); convert BatchNorm checkpoints with "
-                "tools/convert_pretrained.py (mabn_d2.convert.bn_to_mabn) instead"
+                "tools/convert_pretrained.py (mabn_d2.deploy.convert.bn_to_mabn) instead"
             )

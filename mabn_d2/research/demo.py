@@ -15,15 +15,15 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from ..registry import build_model
+from ..modeling.registry import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from ..atomic_io import atomic_write, atomic_write_json
+from ..engine.atomic_io import atomic_write, atomic_write_json
 from .benchmarking import interleaved_medians, markdown_table
-from .data.builtin import register_demo_datasets
-from ..engine import MABNTrainer, setup_cfg
+from ..data.builtin import register_demo_datasets
+from ..engine.trainer import MABNTrainer, setup_cfg
 from ..deploy.output_dir import FOLDED_CONFIG
 from ..deploy.pipeline import fold_checkpoint
 

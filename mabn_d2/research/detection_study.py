@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from ..atomic_io import atomic_write, atomic_write_text
+from ..engine.atomic_io import atomic_write, atomic_write_text
 from .benchmarking import markdown_table
 from .reestimation import evaluation_records
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers import BatchRenorm2d, MABN2d
 from ..layers import backend as backend_module
-from ..layers import triton_batch_renorm, triton_launch, triton_mabn
+from ..layers.triton import batch_renorm as triton_batch_renorm, launch as triton_launch, mabn as triton_mabn
 from .benchmarking import interleaved_medians, markdown_table
 
 __all__ = ["stubbed_triton_launches", "host_overhead", "host_overhead_report"]

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from detectron2.config import get_cfg
 from detectron2.model_zoo import get_config_file
-from ..registry import build_model
+from ..modeling.registry import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 

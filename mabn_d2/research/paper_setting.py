@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -41,10 +40,10 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 
-from ..engine import MABNTrainer, setup_cfg
+from ..engine.trainer import MABNTrainer, setup_cfg
 from ..layers import MABN2d
 from ..layers.base import HostIterationCounter
-from .data.builtin import register_demo_datasets
+from ..data.builtin import register_demo_datasets
 
 __all__ = ["Arm", "ARMS", "ReplicaNormStates", "MicroBatchTrainer", "VirtualGPUTrainer", "Chi2LagRecorder",
            "arm_opts", "summarize_chi2_lag", "main"]

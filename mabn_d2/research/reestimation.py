@@ -8,10 +8,10 @@ import os
 from typing import Dict
 
 
-from ..atomic_io import atomic_write_text
-from ..engine import MABNTrainer, setup_cfg
-from ..precise_stats import update_mabn_running_var
-from .data.builtin import register_demo_datasets
+from ..engine.atomic_io import atomic_write_text
+from ..engine.trainer import MABNTrainer, setup_cfg
+from ..modeling.precise_stats import update_mabn_running_var
+from ..data.builtin import register_demo_datasets
 
 __all__ = ["evaluation_records", "reestimate_run_checkpoints"]
 

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ..atomic_io import atomic_write, atomic_write_text
+from ..engine.atomic_io import atomic_write, atomic_write_text
 from .ablations import MABNCentered2d
 from ..layers import BatchRenorm2d, MABN2d
 

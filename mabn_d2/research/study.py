@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-from ..atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from ..engine.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 from .ablations import MABNCentered2d, MABNForwardOnly2d
 from ..layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from ..layers.hyperparams import MABN_HYPERPARAMETERS, defaults
@@ -206,7 +206,7 @@ def build_model(norm_name: str, config: StudyConfig) -> SmallResNet:
 # --------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=4)
 def _load_split(split: str, images: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .data.fashion_mnist_coco import load_fashion_mnist
+    from ..data.fashion_mnist_coco import load_fashion_mnist
 
     raw_images, raw_labels = load_fashion_mnist(split)
     index = np.arange(len(raw_labels))

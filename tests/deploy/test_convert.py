@@ -60,8 +60,8 @@ def test_torchvision_names_map_onto_detectron2_resnet():
 def test_converted_checkpoint_loads_into_the_mabn_finetune_model(torchvision_r50, tmp_path, caplog):
     from mabn_d2 import build_model
 
-    from mabn_d2.checkpoint import MABNCheckpointer
-    from mabn_d2.engine import setup_cfg
+    from mabn_d2.engine.checkpoint import MABNCheckpointer
+    from mabn_d2.engine.trainer import setup_cfg
     from mabn_d2.layers import MABN2d
 
     tv_state, path = torchvision_r50
@@ -150,7 +150,7 @@ def test_caffe2_affine_only_norms_become_unit_variance_and_are_counted(tmp_path)
 def _whole_detector_state():
     from mabn_d2 import build_model
 
-    from mabn_d2.engine import setup_cfg
+    from mabn_d2.engine.trainer import setup_cfg
 
     cfg = setup_cfg(os.path.join(REPO_ROOT, "configs/Demo/fmnist_mask_rcnn_R_18_FPN_bn.yaml"), [])
     return {"model": build_model(cfg).state_dict(), "iteration": 899}

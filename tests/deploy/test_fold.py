@@ -25,7 +25,7 @@ from torch import nn
 
 import mabn_d2  # noqa: F401  (registers "MABN")
 from mabn_d2.config import add_mabn_config
-from mabn_d2.cycle import CycleMABNList
+from mabn_d2.modeling.cycle import CycleMABNList
 from mabn_d2.deploy import ExportError
 from mabn_d2.deploy.export_formats import ONNXRUNTIME_TOLERANCES, export_onnx, export_torchscript
 from mabn_d2.deploy.frozen_config import frozen_config, mabn_norm_keys

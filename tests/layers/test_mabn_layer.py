@@ -1,4 +1,4 @@
-"""MABN2d against an independent float64 transcription of the algorithm spec."""
+"""MABN2d against the float64 transcription of the algorithm spec (mabn_d2.layers.reference)."""
 import copy
 import math
 
@@ -7,55 +7,34 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mabn_d2.layers import MABN2d, MABNFunction, mabn_phase
+from mabn_d2.layers.reference import ReferenceMABN
 
 DEFAULTS = dict(buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
 CUSTOM = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=30, renorm_clip=1.5, eps=1e-3)
 
 
-class ReferenceMABN:
-    """The spec, line by line, with Python lists and plain tensor arithmetic (no shared code)."""
-
-    def __init__(self, channels, buffer_size, ema_decay, warmup_iters, renorm_warmup_iters, renorm_clip, eps):
-        self.m, self.ema_decay, self.eps = buffer_size, ema_decay, eps
-        self.warmup, self.renorm_warmup, self.clip = warmup_iters, renorm_warmup_iters, renorm_clip
-        self.t = 0
-        self.X2 = [[0.0] * channels for _ in range(buffer_size)]
-        self.GZ = [[0.0] * channels for _ in range(buffer_size)]
-        self.running_var = [1.0] * channels
-        self.clipped = 0
-
-    def step(self, x, dy, gamma, beta):
-        """Returns y, dx, dgamma, dbeta for one training iteration."""
-        C = x.shape[1]
-        self.t += 1
-        k = self.t % self.m
-        early = self.t <= self.m or self.t < self.warmup
-        y, dx = torch.empty_like(x), torch.empty_like(x)
-        dgamma, dbeta = torch.empty(C, dtype=x.dtype), torch.empty(C, dtype=x.dtype)
-        for c in range(C):
-            xc, dyc = x[:, c], dy[:, c]
-            chi2_b = float((xc * xc).mean())
-            self.X2[k][c] = chi2_b
-            chi2 = chi2_b if early else sum(row[c] for row in self.X2) / self.m
-            s = math.sqrt(chi2 + self.eps)
-            z = xc / s
-            if self.t <= max(self.renorm_warmup, self.warmup):
-                r = 1.0
-            else:
-                raw = s / math.sqrt(self.running_var[c] + self.eps)
-                r = min(max(raw, 1.0 / self.clip), self.clip)
-                self.clipped += raw != r
-            decay = self.ema_decay if self.t > 1 else 0.0  # the first statistic initializes running_var
-            self.running_var[c] = decay * self.running_var[c] + (1 - decay) * chi2
-            y[:, c] = float(gamma[c]) * (r * z) + float(beta[c])
-            g_z = dyc * float(gamma[c]) * r
-            psi_b = float((g_z * z).mean())
-            self.GZ[k][c] = psi_b
-            psi = psi_b if early else sum(row[c] for row in self.GZ) / self.m
-            dx[:, c] = (g_z - z * psi) / s
-            dgamma[c] = float((dyc * r * z).sum())
-            dbeta[c] = float(dyc.sum())
-        return y, dx, dgamma, dbeta
+def test_reference_follows_the_spec_formulas_by_hand():
+    """The shared float64 reference, checked on values worked out per channel from the spec."""
+    reference = ReferenceMABN(2, **CUSTOM)
+    x = torch.tensor([[[[1.0, 3.0]], [[2.0, -2.0]]], [[[-1.0, 1.0]], [[0.0, 4.0]]]], dtype=torch.float64)
+    dy = torch.tensor([[[[0.5, -1.0]], [[1.0, 0.0]]], [[[2.0, 1.0]], [[-1.0, 3.0]]]], dtype=torch.float64)
+    gamma, beta = torch.tensor([2.0, -1.0], dtype=torch.float64), torch.tensor([0.5, 0.0], dtype=torch.float64)
+    y, dx, dgamma, dbeta = reference.step(x, dy, gamma, beta)
+    eps = CUSTOM["eps"]
+    for c in range(2):
+        xc, dyc = x[:, c].flatten().tolist(), dy[:, c].flatten().tolist()
+        chi2 = sum(v * v for v in xc) / len(xc)
+        s = math.sqrt(chi2 + eps)
+        z = [v / s for v in xc]
+        psi = sum(float(gamma[c]) * d * zi for d, zi in zip(dyc, z)) / len(z)
+        torch.testing.assert_close(y[:, c].flatten(), torch.tensor([float(gamma[c]) * zi + float(beta[c]) for zi in z],
+                                                                   dtype=torch.float64))
+        want_dx = [(float(gamma[c]) * d - zi * psi) / s for d, zi in zip(dyc, z)]
+        torch.testing.assert_close(dx[:, c].flatten(), torch.tensor(want_dx, dtype=torch.float64))
+        assert math.isclose(float(dgamma[c]), sum(d * zi for d, zi in zip(dyc, z)), rel_tol=1e-12)
+        assert math.isclose(float(dbeta[c]), sum(dyc), rel_tol=1e-12)
+        assert math.isclose(float(reference.running_var[c]), chi2, rel_tol=1e-12)  # the first statistic
+        assert math.isclose(float(reference.x2[1, c]), chi2, rel_tol=1e-12)  # slot t % buffer_size
 
 
 def _input_for(t, generator, channels=3):
@@ -87,11 +66,11 @@ def test_training_matches_reference(hparams, iterations):
         torch.testing.assert_close(x.grad, dx_ref, rtol=1e-9, atol=1e-12, msg=f"input grad at iteration {t}")
         torch.testing.assert_close(layer.weight.grad, dgamma_ref, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(layer.bias.grad, dbeta_ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(layer.running_var, torch.tensor(reference.running_var, dtype=torch.float64), rtol=1e-10, atol=0)
+        torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-10, atol=0)
     assert layer.iteration == iterations == int(layer.num_batches_tracked)
     assert reference.clipped > 0, "the run never reached clipped re-normalization"
-    torch.testing.assert_close(layer.x2_buffer, torch.tensor(reference.X2, dtype=torch.float64), rtol=1e-10, atol=0)
-    torch.testing.assert_close(layer.gz_buffer, torch.tensor(reference.GZ, dtype=torch.float64), rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(layer.x2_buffer, reference.x2, rtol=1e-10, atol=0)
+    torch.testing.assert_close(layer.gz_buffer, reference.gz, rtol=1e-9, atol=1e-14)
 
 
 def test_phase_schedule_covers_all_three_phases():

@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 
-from mabn_d2.layers import BatchRenorm2d, triton_launch
+from mabn_d2.layers import BatchRenorm2d
+from mabn_d2.layers.triton import launch as triton_launch
 from mabn_d2.layers.backend import use_backend
-from mabn_d2.layers.triton_batch_renorm import TritonBatchRenormFunction
+from mabn_d2.layers.triton.batch_renorm import TritonBatchRenormFunction
 
 from .triton_interpreter import requires_triton_interpreter
 

@@ -12,7 +12,7 @@ import torch
 
 from mabn_d2.layers import BatchRenorm2d, MABN2d
 from mabn_d2.layers import backend as backend_module
-from mabn_d2.layers import triton_batch_renorm, triton_mabn
+from mabn_d2.layers.triton import batch_renorm as triton_batch_renorm, mabn as triton_mabn
 
 from .triton_interpreter import requires_triton_interpreter
 
@@ -71,7 +71,7 @@ def _break_launch(monkeypatch, module):
                 def launch(*args, **kwargs):
                     raise RuntimeError("Triton could not build its CUDA driver helper: no C compiler")
                 return launch
-        real = __import__(f"mabn_d2.layers.{name}", fromlist=["x"])
+        real = __import__(f"mabn_d2.layers.triton.{name}", fromlist=["x"])
         stub = type("Stub", (), {k: getattr(real, k) for k in dir(real) if k.isupper()})()
         for kernel in ("forward_statistics_kernel", "backward_statistics_kernel"):
             setattr(stub, kernel, Launch())

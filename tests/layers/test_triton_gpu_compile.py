@@ -25,9 +25,9 @@ COMPILE_SCRIPT = textwrap.dedent(
         package = types.ModuleType(name)  # the package without its __init__ (no torch, no detectron2)
         package.__path__ = [root + "/" + path]
         sys.modules[name] = package
-    mabn = importlib.import_module("mabn_d2.layers.triton_mabn_kernels")
-    brn = importlib.import_module("mabn_d2.layers.triton_brn_kernels")
-    common = importlib.import_module("mabn_d2.layers.triton_common")
+    mabn = importlib.import_module("mabn_d2.layers.triton.mabn_kernels")
+    brn = importlib.import_module("mabn_d2.layers.triton.batch_renorm_kernels")
+    common = importlib.import_module("mabn_d2.layers.triton.common")
 
     def source(kernel, act, state, constexprs):
         sig = {}

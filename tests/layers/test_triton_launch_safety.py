@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from mabn_d2.layers import triton_batch_renorm, triton_launch, triton_mabn
-from mabn_d2.layers.functional import mabn_phase
+from mabn_d2.layers.triton import batch_renorm as triton_batch_renorm, launch as triton_launch, mabn as triton_mabn
+from mabn_d2.layers.base import mabn_phase
 
 from ..conftest import REPO_ROOT
 from .triton_interpreter import requires_triton_interpreter
@@ -66,10 +66,10 @@ VARIANTS_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
-    from mabn_d2.layers import triton_launch
-    from mabn_d2.layers.functional import mabn_phase
-    from mabn_d2.layers.triton_batch_renorm import TritonBatchRenormFunction
-    from mabn_d2.layers.triton_mabn import TritonMABNFunction
+    from mabn_d2.layers.triton import launch as triton_launch
+    from mabn_d2.layers.base import mabn_phase
+    from mabn_d2.layers.triton.batch_renorm import TritonBatchRenormFunction
+    from mabn_d2.layers.triton.mabn import TritonMABNFunction
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     keys = {}
@@ -81,7 +81,7 @@ VARIANTS_SCRIPT = textwrap.dedent(
             keys.setdefault(name, set()).add(repr((specialization, sorted(options.items()))))
         return run
 
-    for module in ("triton_mabn_kernels", "triton_brn_kernels", "triton_common"):
+    for module in ("mabn_kernels", "batch_renorm_kernels", "common"):
         kernels = triton_launch.kernel_module(module)
         for name in ("forward_statistics_kernel", "backward_statistics_kernel", "channel_affine_kernel"):
             if hasattr(kernels, name):
@@ -133,8 +133,8 @@ def test_changing_roi_counts_compile_no_new_variants():
     # per layout: 2 MABN phases x 2 head sizes for the statistics kernels, and the affine kernel's
     # variants (MABN forward, BRN forward, the two dx forms) x 2 head sizes
     for layout, counts in many.items():
-        assert counts["triton_mabn_kernels.forward_statistics_kernel"] <= 4, (layout, counts)
-        assert counts["triton_brn_kernels.forward_statistics_kernel"] <= 2, (layout, counts)
+        assert counts["mabn_kernels.forward_statistics_kernel"] <= 4, (layout, counts)
+        assert counts["batch_renorm_kernels.forward_statistics_kernel"] <= 2, (layout, counts)
 
 
 @requires_triton_interpreter

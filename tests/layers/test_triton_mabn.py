@@ -2,7 +2,7 @@
 
 The kernels run as numpy programs here (TRITON_INTERPRET=1, set by tests/conftest.py before
 triton is imported), so tensors are tiny and runs short; the phase settings (buffer 2, warm-ups 3
-and 5) put every phase in a few iterations. tests/test_triton_gpu_compile.py compiles the same
+and 5) put every phase in a few iterations. tests/layers/test_triton_gpu_compile.py compiles the same
 kernels for a GPU.
 """
 import copy
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from mabn_d2.layers import backend as backend_module
-from mabn_d2.layers import triton_launch, triton_mabn
-from mabn_d2.layers.functional import MABNFunction, mabn_phase
-from mabn_d2.layers.triton_launch import elementwise_plan, reduction_plan
-from mabn_d2.layers.triton_mabn import TritonMABNFunction
+from mabn_d2.layers.triton import launch as triton_launch, mabn as triton_mabn
+from mabn_d2.layers import MABNFunction, mabn_phase
+from mabn_d2.layers.reference import ReferenceMABN
+from mabn_d2.layers.triton.launch import elementwise_plan, reduction_plan
+from mabn_d2.layers.triton.mabn import TritonMABNFunction
 
 from .triton_interpreter import requires_triton_interpreter
 
@@ -32,51 +33,6 @@ DETECTION_SHAPES = [
 SMALL_TILES = triton_launch.LaunchTuning(
     reduce_tile=16, elementwise_tile=128, programs_per_sm=4, max_channel_block=2, epilogue_rows=1
 )
-
-
-class SpecMABN:
-    """The algorithm spec in float64 whole-tensor arithmetic, plus the per-channel guard that
-    keeps non-finite statistics out of the state. Shares no code with the project."""
-
-    def __init__(self, channels, buffer_size, warmup_iters, renorm_warmup_iters, ema_decay, eps, renorm_clip):
-        self.m, self.warmup, self.renorm_warmup = buffer_size, warmup_iters, renorm_warmup_iters
-        self.ema_decay, self.eps, self.clip = ema_decay, eps, renorm_clip
-        self.t = 0
-        self.x2 = torch.zeros(buffer_size, channels, dtype=torch.float64)
-        self.gz = torch.zeros(buffer_size, channels, dtype=torch.float64)
-        self.running_var = torch.ones(channels, dtype=torch.float64)
-        self.clipped_high = self.clipped_low = 0
-
-    def step(self, x, dy, gamma, beta):
-        x, dy, gamma, beta = (t.detach().double() for t in (x, dy, gamma, beta))
-
-        def per_channel(v):
-            return v.view(1, -1, 1, 1)
-
-        self.t += 1
-        k = self.t % self.m
-        early = self.t <= self.m or self.t < self.warmup
-        chi2_batch = (x * x).mean((0, 2, 3))
-        self.x2[k] = torch.where(torch.isfinite(chi2_batch), chi2_batch, self.x2[k])
-        chi2 = chi2_batch if early else self.x2.mean(0)
-        s = (chi2 + self.eps).sqrt()
-        z = x / per_channel(s)
-        if self.t <= max(self.renorm_warmup, self.warmup):
-            r = torch.ones_like(chi2)
-        else:
-            raw = s / (self.running_var + self.eps).sqrt()
-            r = raw.clamp(1.0 / self.clip, self.clip)
-            self.clipped_high += int((raw > self.clip).sum())
-            self.clipped_low += int((raw < 1.0 / self.clip).sum())
-        updated = self.ema_decay * self.running_var + (1 - self.ema_decay) * chi2
-        self.running_var = torch.where(torch.isfinite(updated), updated, self.running_var)
-        y = per_channel(gamma) * (per_channel(r) * z) + per_channel(beta)
-        g_z = dy * per_channel(gamma * r)
-        psi_batch = (g_z * z).mean((0, 2, 3))
-        self.gz[k] = torch.where(torch.isfinite(psi_batch), psi_batch, self.gz[k])
-        psi = psi_batch if early else self.gz.mean(0)
-        dx = (g_z - z * per_channel(psi)) / per_channel(s)
-        return y, dx, (dy * per_channel(r) * z).sum((0, 2, 3)), dy.sum((0, 2, 3))
 
 
 @dataclasses.dataclass
@@ -150,7 +106,7 @@ def test_kernels_follow_the_spec_over_every_phase(dtype, tuning, channels_last, 
     monkeypatch.setattr(triton_launch, "TUNING", tuning)
     channels = 3 if tuning is SMALL_TILES else 5  # fewer programs under the interpreter
     state = LayerState.fresh(channels, dtype)
-    spec = SpecMABN(channels, **PHASES, **HPARAMS)
+    spec = ReferenceMABN(channels, **PHASES, **HPARAMS, first_statistic_initializes=False)
     tolerance = FLOAT64 if dtype == torch.float64 else FLOAT32
     for t in range(1, ITERATIONS + 1):
         x, dy = batch(t, channels, dtype=dtype)
@@ -250,7 +206,7 @@ def test_autocast_accumulates_and_keeps_state_in_float32(dtype):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     state = LayerState.fresh(4)
-    spec = SpecMABN(4, **PHASES, **HPARAMS)
+    spec = ReferenceMABN(4, **PHASES, **HPARAMS, first_statistic_initializes=False)
     for t in range(1, ITERATIONS + 1):
         x, _ = batch(t)
         with torch.autocast("cpu", dtype=dtype):

@@ -14,7 +14,7 @@ from mabn_d2.research.detection_study import (
     run_detection_study, training_loss_table,
 )
 from mabn_d2.layers import MABN2d
-from mabn_d2.precise_stats import update_mabn_running_var
+from mabn_d2.modeling.precise_stats import update_mabn_running_var
 from mabn_d2.research.reestimation import evaluation_records
 
 from ..conftest import REPO_ROOT
@@ -145,12 +145,12 @@ class _Capture(logging.Handler):
 
 @pytest.mark.parametrize("fractions, warns", [(("-1.0", "-1.0"), True), (("0.02", "0.1"), False)])
 def test_trainer_warns_when_renormalization_starts_late(demo_datasets_dir, tmp_path, fractions, warns):
-    from mabn_d2.engine import MABNTrainer
+    from mabn_d2.engine.trainer import MABNTrainer
 
     cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "900", "MODEL.MABN.WARMUP_FRACTION", fractions[0],
                     "MODEL.MABN.RENORM_WARMUP_FRACTION", fractions[1])
     capture = _Capture()
-    logger = logging.getLogger("mabn_d2.engine")
+    logger = logging.getLogger("mabn_d2.engine.trainer")
     logger.addHandler(capture)
     try:
         MABNTrainer(cfg)
@@ -251,13 +251,13 @@ def test_results_doc_is_rendered_from_a_results_folder_alone(tmp_path):
 
 @pytest.mark.parametrize("warmups, warns", [(("9", "45"), True), (("100", "1000"), False)])
 def test_trainer_logs_one_warning_when_warmups_are_out_of_order(demo_datasets_dir, tmp_path, warmups, warns):
-    from mabn_d2.engine import MABNTrainer
+    from mabn_d2.engine.trainer import MABNTrainer
 
     cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "450", "SOLVER.WARMUP_ITERS", "50",
                     "MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
                     "MODEL.MABN.WARMUP_ITERS", warmups[0], "MODEL.MABN.RENORM_WARMUP_ITERS", warmups[1])
     capture = _Capture()
-    logger = logging.getLogger("mabn_d2.engine")
+    logger = logging.getLogger("mabn_d2.engine.trainer")
     logger.addHandler(capture)
     try:
         MABNTrainer(cfg)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .layers import MABN2d
+from ..layers import MABN2d
 
 __all__ = ["CycleMABNList"]
 

@@ -11,10 +11,9 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .functional import MABNPhase
-from .triton_launch import (
-    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
-    ring_block, step_plan, unsupported_input_reason,
+from ..base import MABNPhase
+from .launch import (
+    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, ring_block, step_plan, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -55,7 +54,7 @@ class TritonMABNFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         if x.numel() == 0:
             raise ValueError("TritonMABNFunction needs a non-empty batch (MABN2d answers an empty one in eval form)")
-        kernels = kernel_module("triton_mabn_kernels")
+        kernels = kernel_module("mabn_kernels")
         plan = step_plan(x)
         reduction = plan.reduction
         with launch_guard(x.device):
@@ -79,7 +78,7 @@ class TritonMABNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        kernels = kernel_module("triton_mabn_kernels")
+        kernels = kernel_module("mabn_kernels")
         x, weight, stats = ctx.saved_tensors
         gz_buffer, phase, eps = ctx.backward_args
         grad_out = matching_layout(grad_out, x)

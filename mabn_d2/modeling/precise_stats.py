@@ -14,8 +14,8 @@ from typing import Dict, Iterable
 import torch
 from torch import nn
 
-from .layers import MABN2d
-from .layers.channel_ops import channel_sum_of_squares
+from ..layers import MABN2d
+from ..layers.channel_ops import channel_sum_of_squares
 
 __all__ = ["update_mabn_running_var"]
 

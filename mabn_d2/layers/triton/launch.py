@@ -307,7 +307,7 @@ def launch_channel_affine(
 
 
 def _common_kernels() -> ModuleType:
-    return kernel_module("triton_common")
+    return kernel_module("common")
 
 
 def matching_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .triton_launch import (
-    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for,
-    unsupported_input_reason, launch_guard, launch_reduction,
+from .launch import (
+    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, unsupported_input_reason, launch_guard, launch_reduction,
 )
 
 __all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
@@ -43,7 +42,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         if x.numel() == 0:
             raise ValueError("TritonBatchRenormFunction needs a non-empty batch")
-        kernels = kernel_module("triton_brn_kernels")
+        kernels = kernel_module("batch_renorm_kernels")
         with launch_guard(x.device):
             n, c, h, w = x.shape
             count = n * h * w
@@ -67,7 +66,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        kernels = kernel_module("triton_brn_kernels")
+        kernels = kernel_module("batch_renorm_kernels")
         x, stats = ctx.saved_tensors
         grad_out = matching_layout(grad_out, x)
         with launch_guard(x.device):

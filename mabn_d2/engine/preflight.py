@@ -5,25 +5,33 @@ log, an empty folder); these checks find the usual mistakes first: a NORM name n
 knows, a device this machine does not have, an output folder that cannot be written.
 """
 import os
-from typing import Iterator, List, Tuple
+from typing import Iterator, Tuple
 
 import torch
 from detectron2.config import CfgNode
 
-from .registry import NORMS, STOCK_NORMS, valid_norm_names
+from ..modeling.registry import NORMS, STOCK_NORMS, valid_norm_names
 
-__all__ = ["STOCK_NORMS", "UsageError", "check_device", "check_norm_names", "check_writable_dir", "valid_norm_names"]
+__all__ = ["STOCK_NORMS", "UsageError", "check_device", "check_norm_names", "check_writable_dir", "first_line",
+           "norm_items", "valid_norm_names"]
 
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (its type's name when it says nothing), for one-line messages."""
+    text = (str(error).strip().strip("'\"").splitlines() or [""])[0]
+    return text or type(error).__name__
 
 
 class UsageError(ValueError):
     """An input that cannot work; the message is one line naming the key, path or device."""
 
 
-def _norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]:
+def norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]:
+    """(dotted key, value) of every NORM key in a config."""
     for key, value in node.items():
         if isinstance(value, CfgNode):
-            yield from _norm_items(value, f"{prefix}{key}.")
+            yield from norm_items(value, f"{prefix}{key}.")
         elif key == "NORM":
             yield f"{prefix}{key}", value
 
@@ -31,7 +39,7 @@ def _norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]
 def check_norm_names(cfg: CfgNode) -> None:
     """UsageError naming the first NORM key whose value get_norm would not resolve."""
     valid = set(STOCK_NORMS) | set(NORMS)
-    for key, value in _norm_items(cfg):
+    for key, value in norm_items(cfg):
         if isinstance(value, str) and value not in valid:
             raise UsageError(f"{key} {value!r} is not a norm name; valid names: {', '.join(valid_norm_names())}")
 

@@ -5,7 +5,7 @@
 - every checkpoint is written to a temporary file beside it and renamed into place, and
   `last_checkpoint` is rewritten (the same way) only after the file it names is complete, so
   a crash at any moment leaves the previous checkpoint readable and named;
-- each checkpoint holds every training process's own state (`mabn_d2.rank_state`): saving is
+- each checkpoint holds every training process's own state (`mabn_d2.engine.rank_state`): saving is
   collective, all processes call `save` (the trainer's checkpoint hook runs on every process);
 - `resume_or_load(resume=True)` raises `CheckpointError` with one line naming the unreadable
   file and the other checkpoints in the folder, instead of a bare EOFError;
@@ -23,8 +23,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
+from ..layers.base import MovingAverageNorm
 from .atomic_io import atomic_write
-from .layers.base import MovingAverageNorm
 from .rank_state import capture_rank_state, restore_rank_state
 
 __all__ = [

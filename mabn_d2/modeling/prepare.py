@@ -23,9 +23,9 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
+from ..layers import BatchRenorm2d, CenteredConv2d, MABN2d, centralize_conv_
+from ..layers.base import frozen_batchnorm_from
 from .cycle import CycleMABNList
-from .layers import BatchRenorm2d, CenteredConv2d, MABN2d, centralize_conv_
-from .layers.base import frozen_batchnorm_from
 
 __all__ = ["prepare_mabn_model", "MOVING_AVERAGE_NORMS", "feeds_mabn"]
 

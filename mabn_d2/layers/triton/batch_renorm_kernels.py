@@ -9,7 +9,7 @@ coefficients of dx = dy*scale + x*coef + offset and the weight and bias gradient
 import triton
 import triton.language as tl
 
-from .triton_common import arrive_last, clip, exact_div, exact_sqrt, partial_channel_sums, total_of_partials
+from .common import arrive_last, clip, exact_div, exact_sqrt, partial_channel_sums, total_of_partials
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS"]
 

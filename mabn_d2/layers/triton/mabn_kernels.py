@@ -10,9 +10,7 @@ sum(dy) with the Psi epilogue (ring buffer and its SMA, weight and bias gradient
 import triton
 import triton.language as tl
 
-from .triton_common import (
-    arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials,
-)
+from .common import arrive_last, clip, exact_div, exact_sqrt, keep_finite, partial_channel_sums, total_of_partials
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS"]
 

@@ -38,8 +38,8 @@ from detectron2.modeling.meta_arch import build as _d2_build
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
-from .config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
-from .layers import BatchRenorm2d, MABN2d
+from ..config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
+from ..layers import BatchRenorm2d, MABN2d
 from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
 __all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context",

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .functional import MABNFunction, mabn_phase
+from ..base import mabn_phase
 
 __all__ = ["probe_triton_mabn", "probe_triton_batch_renorm"]
 
@@ -56,14 +56,15 @@ def _step(function, x: torch.Tensor, dy: torch.Tensor, params: List[torch.Tensor
     return [y, *grads]
 
 
-def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None
-                      ) -> Optional[str]:
-    """None when MABN's four kernels agree with MABNFunction in every phase, else what differs.
+def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
+                      public_function: type) -> Optional[str]:
+    """None when MABN's four kernels agree with `public_function` (the layer's public-operation
+    autograd Function, `MABNFunction`) in every phase, else what differs.
 
     Raises whatever the kernels raise (compile, driver or launch errors): the caller reports it.
     `shape`: the check's input shape (default a tiny one; tools/check_cuda.py passes large ones).
     """
-    from .triton_mabn import TritonMABNFunction
+    from .mabn import TritonMABNFunction
 
     channels = shape[1] if shape else _CHANNELS
 
@@ -78,7 +79,7 @@ def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional
         phase = mabn_phase(iteration, buffer_size=2, warmup_iters=3, renorm_warmup_iters=3)
         xi, dy = _like(x, iteration, 1.0 + iteration, shape), _like(x, 100 + iteration, 1.0, shape)
         results = {}
-        for key, function in (("triton", TritonMABNFunction.apply), ("torch", MABNFunction.apply)):
+        for key, function in (("triton", TritonMABNFunction.apply), ("torch", public_function.apply)):
             (weight, bias), state = params[key]
             results[key] = _step(lambda xx, w, b: function(xx, w, b, *state, phase, 0.9, 1e-5, 1.5),
                                  xi, dy, [weight, bias]) + [s.clone() for s in state]
@@ -92,7 +93,7 @@ def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: 
                               public_step: Callable[..., torch.Tensor]) -> Optional[str]:
     """None when Batch Renormalization's kernels agree with `public_step` (the layer's public-operation
     step; r and d clipped and free), else what differs."""
-    from .triton_batch_renorm import TritonBatchRenormFunction
+    from .batch_renorm import TritonBatchRenormFunction
 
     batch_renorm_step = public_step
 

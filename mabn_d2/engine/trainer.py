@@ -1,36 +1,35 @@
 """The trainer: detectron2's DefaultTrainer with what MABN training needs on top.
 
-- the evaluator by the dataset's evaluator_type (`mabn_d2.evaluation`), as detectron2's train_net;
+- the evaluator by the dataset's evaluator_type (`mabn_d2.engine.evaluation`), as detectron2's train_net;
 - DATALOADER.SAMPLER_TRAIN honoured (exact resume with the default TrainingSampler);
 - weight decay of MABN / BRN affine parameters follows SOLVER.WEIGHT_DECAY_NORM like BN's;
 - DDP works on CPU processes (gloo): no device_ids for CPU modules;
 - `--resume` continues exactly, on any number of processes: seeded, position-addressed data
   stream, and every process's own MABN state and RNG states in the checkpoint
-  (`mabn_d2.checkpoint.MABNCheckpointer`, which also writes checkpoints atomically and checks
+  (`mabn_d2.engine.checkpoint.MABNCheckpointer`, which also writes checkpoints atomically and checks
   what a resume starts from);
 - a config is validated before anything is written to its OUTPUT_DIR.
 """
-import contextlib
 import logging
 import os
-from typing import Dict, Iterator, List, Optional
+import weakref
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, default_setup, hooks
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_setup, hooks
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config, warmup_order_message
+from ..layers import BatchRenorm2d, MABN2d
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
-from .config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config, warmup_order_message
-from .train_stream import SeededStreamDataset, StreamPositionSampler
 from .evaluation import build_evaluator_for_dataset
-from .layers import BatchRenorm2d, MABN2d
-from .preflight import UsageError, check_device, check_norm_names, check_writable_dir
+from .preflight import UsageError, check_device, check_norm_names, check_writable_dir, first_line
 from .rank_state import restore_rng_state
+from .train_stream import SeededStreamDataset, StreamPositionSampler
 
 __all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "setup_cfg", "TrainingStreamState"]
 
@@ -39,29 +38,6 @@ _NORM_TYPES = (MABN2d, BatchRenorm2d)
 
 
 FINAL_CHECKPOINT = "model_final"  # what detectron2's PeriodicCheckpointer writes at MAX_ITER
-
-
-@contextlib.contextmanager
-def _trainer_construction() -> Iterator[None]:
-    """DefaultTrainer.__init__ with two of its module-level choices replaced while it runs.
-
-    - DDP: detectron2 passes device_ids=[local_rank], which CPU modules reject;
-    - the checkpointer: MABNCheckpointer instead of DetectionCheckpointer.
-    """
-    original_ddp, original_checkpointer = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
-
-    def create_ddp_model(model, **kwargs):
-        if all(p.device.type == "cpu" for p in model.parameters()):
-            kwargs.setdefault("device_ids", None)
-        return original_ddp(model, **kwargs)
-
-    d2_defaults.create_ddp_model = create_ddp_model
-    d2_defaults.DetectionCheckpointer = MABNCheckpointer
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original_ddp
-        d2_defaults.DetectionCheckpointer = original_checkpointer
 
 
 class TrainingStreamState:
@@ -104,21 +80,49 @@ class MABNTrainer(DefaultTrainer):
     """DefaultTrainer for configs that use NORM "MABN"/"BRN"; usable for any detectron2 config."""
 
     def __init__(self, cfg: CfgNode):
+        """DefaultTrainer.__init__'s steps in its order, with the checkpointer and DDP of `build_checkpointer`
+        and `build_ddp_model` (subclass hooks): MABNCheckpointer saves each process's MABN and RNG state
+        atomically, and CPU modules get DDP without device_ids (detectron2 passes [local_rank], which
+        CPU modules reject)."""
+        TrainerBase.__init__(self)
         setup_package_logger(cfg.OUTPUT_DIR)
         self._stream_dataset: Optional[SeededStreamDataset] = None
         self._stream_sampler: Optional[StreamPositionSampler] = None
-        with _trainer_construction():
-            super().__init__(cfg)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
         self.checkpointer.add_checkpointable("training_stream", TrainingStreamState(self._stream_dataset))
         if any(isinstance(m, MABN2d) for m in self.model.modules()):
             for message in (long_renorm_warmup_message(cfg), warmup_order_message(cfg)):
                 if message:
                     logger.warning(message)
 
+    @staticmethod
+    def build_ddp_model(model: torch.nn.Module) -> torch.nn.Module:
+        """detectron2's create_ddp_model (buffers not broadcast: each rank keeps its MABN state);
+        no device_ids for a model on the CPU."""
+        kwargs = {"device_ids": None} if all(p.device.type == "cpu" for p in model.parameters()) else {}
+        return create_ddp_model(model, broadcast_buffers=False, **kwargs)
+
+    def build_checkpointer(self, cfg: CfgNode, model: torch.nn.Module) -> MABNCheckpointer:
+        """The run's checkpointer (atomic, per-process MABN and RNG state, verified resume)."""
+        return MABNCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         """`mabn_d2.build_model`: the MABN hyper-parameters of cfg, then the MABN pass."""
-        from .registry import build_model
+        from ..modeling.registry import build_model
 
         model = build_model(cfg)
         logging.getLogger(__name__).info("Model:\n%s", model)
@@ -219,12 +223,14 @@ def _identity(sample):
     return sample
 
 
-def setup_cfg(config_file: str, opts: List[str], args=None) -> CfgNode:
+def setup_cfg(config_file: str, opts: List[str], args=None, check_output: bool = True) -> CfgNode:
     """get_cfg + MABN keys + file + command-line opts, validated and frozen.
 
     With `args` (a training or evaluation run), also checks MODEL.DEVICE and OUTPUT_DIR, then
     runs default_setup, which writes config.yaml and the log into OUTPUT_DIR: every check
-    comes first, so a bad value never overwrites an existing run's config.yaml. Raises
+    comes first, so a bad value never overwrites an existing run's config.yaml (`check_output=False`:
+    the caller has checked MODEL.DEVICE and OUTPUT_DIR already, as tools/train_net.py does once
+    before it starts the processes). Raises
     UsageError (a ValueError) with one line naming the problem.
     """
     cfg = get_cfg()
@@ -232,11 +238,11 @@ def setup_cfg(config_file: str, opts: List[str], args=None) -> CfgNode:
     try:
         cfg.merge_from_file(config_file)
     except Exception as error:  # missing file, bad YAML, unknown keys
-        raise UsageError(f"cannot read config {config_file}: {_first_line(error)}") from error
+        raise UsageError(f"cannot read config {config_file}: {first_line(error)}") from error
     try:
         cfg.merge_from_list(list(opts))
     except Exception as error:  # unknown key, odd number of items, a value of the wrong type
-        raise UsageError(f"bad config override in {list(opts)}: {_first_line(error)}") from error
+        raise UsageError(f"bad config override in {list(opts)}: {first_line(error)}") from error
     try:
         validate_mabn_config(cfg)
     except ValueError as error:
@@ -244,8 +250,9 @@ def setup_cfg(config_file: str, opts: List[str], args=None) -> CfgNode:
     check_norm_names(cfg)
     cfg.freeze()
     if args is not None:
-        check_device(cfg.MODEL.DEVICE)
-        check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+        if check_output:
+            check_device(cfg.MODEL.DEVICE)
+            check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
         default_setup(cfg, args)
         setup_package_logger(cfg.OUTPUT_DIR)
     return cfg
@@ -261,8 +268,3 @@ def setup_package_logger(output_dir: Optional[str]) -> logging.Logger:
     logging.captureWarnings(True)  # warnings.warn (deprecations) -> the "py.warnings" logger
     setup_logger(output_dir, distributed_rank=rank, name="py.warnings", abbrev_name="warn")
     return setup_logger(output_dir, distributed_rank=rank, name="mabn_d2", abbrev_name="mabn_d2")
-
-
-def _first_line(error: BaseException) -> str:
-    text = (str(error).strip().strip("'\"").splitlines() or [""])[0]
-    return text or type(error).__name__

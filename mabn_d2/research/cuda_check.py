@@ -1,0 +1,639 @@
+"""The checks behind tools/check_cuda.py (its CLI is `main`): MABN on one CUDA GPU, one table: correctness, host syncs, autocast, speed.
+
+1. correctness: MABN2d over every phase (batch statistics, moving averages, clipped
+   re-normalization) against the float64 CPU computation of the algorithm in
+   mabn_d2.layers.reference (independent of the layers), in float64, float32 and float32 channels_last on the GPU;
+   the two ablation layers and BatchRenorm2d against their own float64 run on the CPU;
+2. no host synchronisation: training steps across every phase boundary, then eval and an
+   empty batch, under torch.cuda.set_sync_debug_mode("error"), with no tensor value read
+   on the host;
+3. bf16 and fp16 autocast: finite outputs and gradients, float32 state, chi2 as in float32;
+4. per-layer time of a training step (forward + backward) and an eval forward, against
+   BatchNorm2d, GroupNorm, FrozenBN and BatchRenorm2d at the R50-FPN and ROI-head shapes
+   (CUDA events, medians);
+5. the Mask R-CNN R50-FPN training step at 2 images of 800x1216 for MABN, BN, GN and BRN.
+The medians of 4 and MABN's ratio in 5 are judged against the Triton step's targets
+(SPEED_TARGETS: MABN2d train <= 1.2x BN, eval <= 1.05x FrozenBN, BatchRenorm2d <= 1.5x BN,
+Mask R-CNN step <= 1.10x BN) for the backends that use Triton; "torch" rows report them only.
+
+Each check runs once per training-step backend (MABN_D2_BACKEND): "torch", the public PyTorch
+operations, always; "auto" (Triton kernels where they apply) too when Triton is installed.
+Rows say which ("[torch] ...").
+
+Before all of it, a smoke stage (about 30 s): the strict "triton" backend on every kernel variant
+(float32, bfloat16, float16, float64; NCHW and channels_last; every MABN phase; Batch
+Renormalization with r and d clipped and free) at multi-program shapes against the public path,
+and every arrival counter zero afterwards. It fails fast, in one line.
+
+Every row is printed (and flushed) as its section finishes and appended to `--output FILE` with
+its details; the printed summary at the end fits in 8 KB: pass/fail per section, the failed rows,
+then the four speed ratios. `--quick` (smoke, correctness, host syncs, autocast, three layer
+shapes; no Mask R-CNN) is sized for under 3 minutes on one H100.
+
+Sized for under 5 minutes on one GPU. Needs torch with CUDA and an importable detectron2 (its
+pure-Python part is enough, e.g. on PYTHONPATH with fvcore, iopath, yacs, omegaconf, ...).
+Exit status: 0 every check passed, 1 a check failed, 2 no CUDA GPU or the project does not import.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import statistics
+import sys
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..engine.preflight import first_line
+from ..layers.reference import ReferenceMABN
+
+DIMS = (0, 2, 3)
+# Phases in a few iterations: batch statistics 1-6, moving averages 7-20, re-normalization 21-40.
+SHORT_PHASES = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)
+SHORT_ITERATIONS, SHORT_JUMP = 40, 25
+# The layer defaults: re-normalization starts after iteration 1,000.
+DEFAULT_PHASES = dict(buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
+DEFAULT_ITERATIONS, DEFAULT_JUMP = 1100, 1050
+LIMITS = {torch.float64: 1e-9, torch.float32: 1e-4}
+# Speed targets of the Triton training step on a CUDA GPU (ratios of medians); the public-operation
+# path ("torch" backend) is reported against them without a verdict.
+SPEED_TARGETS = {"MABN2d train": 1.2, "MABN2d eval": 1.05, "BatchRenorm2d train": 1.5, "MABN model step": 1.10}
+INPUT_SHAPE = (2, 6, 5, 7)
+
+
+class Unavailable(Exception):
+    """The check cannot run here (no CUDA GPU, project not importable); a one-line reason."""
+
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    case: str
+    result: str
+    limit: str = ""
+    status: str = "info"  # "ok", "FAIL" or "info" (a measurement without a limit)
+
+
+# --------------------------------------------------------------------------- environment
+def cuda_device(name: str) -> torch.device:
+    """The CUDA device `name` names, or Unavailable saying why it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Unavailable(f"--device {name!r} is not a device name (expected cuda or cuda:N)") from None
+    if device.type != "cuda":
+        raise Unavailable(f"--device must be a CUDA device, got {name!r}")
+    if not torch.cuda.is_available():
+        raise Unavailable(
+            f"no CUDA GPU available (torch {torch.__version__}, torch.cuda.is_available() is False); "
+            "run this on a machine with a CUDA GPU"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise Unavailable(f"{name} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def available_backends() -> List[str]:
+    """The training-step backends worth checking here: public operations, and Triton's if installed.
+
+    Triton's rows use the strict "triton" backend: a refused or failed kernel is an error, so a
+    silent fallback can never be judged as Triton.
+    """
+    return ["torch", "triton"] if importlib.util.find_spec("triton") is not None else ["torch"]
+
+
+def backend_context(name: str):
+    """Run the block with the layers' training step on backend `name` ("torch", "auto", "triton")."""
+    from mabn_d2.layers.backend import use_backend
+
+    return use_backend(name)
+
+
+# --------------------------------------------------------------------------- correctness
+def _view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def phase_inputs(t: int, generator: torch.Generator, jump_at: int, shape=INPUT_SHAPE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 (x, dy) for iteration t; channel scales jump after `jump_at` so r clips both ways."""
+    channels = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    x = x * (1.0 + 0.5 * torch.rand(1, channels, 1, 1, dtype=torch.float64, generator=generator))
+    x = x + 0.3 * torch.randn(1, channels, 1, 1, dtype=torch.float64, generator=generator)
+    if t > jump_at:
+        x[:, 0] *= 12.0
+        x[:, 1] *= 0.02
+    return x, torch.randn(shape, dtype=torch.float64, generator=generator)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (want in float64 on the CPU)."""
+    got = got.detach().to(device="cpu", dtype=torch.float64)
+    want = want.detach()
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    t = t.to(device=device, dtype=dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def check_mabn_against_spec(
+    device: torch.device, dtype: torch.dtype, hparams: Dict, iterations: int, jump_at: int, channels_last: bool = False
+) -> Row:
+    """MABN2d on `device` in `dtype` against ReferenceMABN (mabn_d2.layers.reference), over `iterations` training steps."""
+    from mabn_d2.layers import MABN2d
+
+    channels = INPUT_SHAPE[1]
+    layer = MABN2d(channels, **hparams).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(-1.5, 1.5, channels) + 0.1)
+        layer.bias.copy_(torch.linspace(-0.3, 0.3, channels))
+    gamma, beta = (p.detach().to("cpu", torch.float64) for p in (layer.weight, layer.bias))
+    spec = ReferenceMABN(channels, **hparams)
+    generator = torch.Generator().manual_seed(0)
+    errors: Dict[str, float] = {}
+    for t in range(1, iterations + 1):
+        x64, dy64 = phase_inputs(t, generator, jump_at)
+        x = _on(x64, device, dtype, channels_last).requires_grad_(True)
+        layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        y.backward(_on(dy64, device, dtype, channels_last))
+        expected = spec.step(x64, dy64, gamma, beta)
+        for name, got, want in zip(("y", "dx", "dgamma", "dbeta"), (y, x.grad, layer.weight.grad, layer.bias.grad), expected):
+            errors[name] = max(errors.get(name, 0.0), relative_error(got, want))
+    for name, want in (("running_var", spec.running_var), ("x2_buffer", spec.x2), ("gz_buffer", spec.gz)):
+        errors[name] = relative_error(getattr(layer, name), want)
+    case = f"MABN2d {_dtype_name(dtype)}{' channels_last' if channels_last else ''} vs float64 spec on the CPU, " \
+           f"{iterations} it. (buffer {hparams['buffer_size']}, warm-ups {hparams['warmup_iters']}/{hparams['renorm_warmup_iters']})"
+    return _error_row("correctness", case, errors, LIMITS[dtype], spec.clipped > 0)
+
+
+def _error_row(section: str, case: str, errors: Dict[str, float], limit: float, covered: bool = True) -> Row:
+    worst_name = max(errors, key=errors.get)
+    worst = errors[worst_name]
+    result = f"max rel. error {worst:.1e} ({worst_name})"
+    if not covered:
+        result += "; re-normalization never clipped: phases not covered"
+    return Row(section, case, result, f"<= {limit:.0e}", "ok" if worst <= limit and covered else "FAIL")
+
+
+def short_phase_layers() -> Dict[str, Callable[[int], torch.nn.Module]]:
+    """The other trainable layers, with warm-ups short enough to cross every phase in 40 steps."""
+    from mabn_d2.research.ablations import MABNCentered2d, MABNForwardOnly2d
+    from mabn_d2.layers import BatchRenorm2d
+
+    return {
+        "MABNForwardOnly2d": lambda c: MABNForwardOnly2d(c, **SHORT_PHASES),
+        "MABNCentered2d": lambda c: MABNCentered2d(c, **SHORT_PHASES),
+        "BatchRenorm2d": lambda c: BatchRenorm2d(
+            c, ema_update_rate=0.1, r_max=1.5, d_max=0.5, warmup_iters=5, r_max_ramp_iters=10, d_max_ramp_iters=10
+        ),
+    }
+
+
+def check_layer_against_cpu(
+    device: torch.device, dtype: torch.dtype, name: str, factory: Callable[[int], torch.nn.Module], iterations: int
+) -> Row:
+    """A layer on `device` in `dtype` against the same layer in float64 on the CPU."""
+    channels = INPUT_SHAPE[1]
+    reference = factory(channels).double()
+    with torch.no_grad():
+        reference.weight.copy_(torch.linspace(-1.5, 1.5, channels) + 0.1)
+        reference.bias.copy_(torch.linspace(-0.3, 0.3, channels))
+    layer = copy.deepcopy(reference).to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    errors: Dict[str, float] = {}
+    for t in range(1, iterations + 1):
+        x64, dy64 = phase_inputs(t, generator, SHORT_JUMP)
+        outputs = []
+        for module, x in ((reference, x64.clone()), (layer, x64.to(device=device, dtype=dtype))):
+            x.requires_grad_(True)
+            module.weight.grad = module.bias.grad = None
+            y = module(x)
+            y.backward(dy64.to(device=device, dtype=dtype) if module is layer else dy64)
+            outputs.append((y, x.grad, module.weight.grad, module.bias.grad))
+        for key, got, want in zip(("y", "dx", "dgamma", "dbeta"), outputs[1], outputs[0]):
+            errors[key] = max(errors.get(key, 0.0), relative_error(got, want.detach()))
+    for key, want in reference.state_dict().items():
+        if want.is_floating_point():
+            errors[key] = relative_error(layer.state_dict()[key], want)
+    case = f"{name} {_dtype_name(dtype)} vs its float64 run on the CPU, {iterations} it. (every phase)"
+    return _error_row("correctness", case, errors, LIMITS[dtype])
+
+
+def correctness_rows(device: torch.device, default_iterations: int = DEFAULT_ITERATIONS) -> List[Row]:
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        rows.append(_guarded("correctness", f"MABN2d {_dtype_name(dtype)}, short warm-ups", lambda d=dtype: check_mabn_against_spec(
+            device, d, SHORT_PHASES, SHORT_ITERATIONS, SHORT_JUMP)))
+    rows.append(_guarded("correctness", "MABN2d float32 channels_last", lambda: check_mabn_against_spec(
+        device, torch.float32, SHORT_PHASES, SHORT_ITERATIONS, SHORT_JUMP, channels_last=True)))
+    jump = default_iterations - (DEFAULT_ITERATIONS - DEFAULT_JUMP)
+    for dtype in (torch.float64, torch.float32):
+        rows.append(_guarded("correctness", f"MABN2d {_dtype_name(dtype)}, default warm-ups", lambda d=dtype: check_mabn_against_spec(
+            device, d, DEFAULT_PHASES, default_iterations, jump)))
+    for name, factory in short_phase_layers().items():
+        for dtype in (torch.float64, torch.float32):
+            rows.append(_guarded("correctness", f"{name} {_dtype_name(dtype)}", lambda n=name, f=factory, d=dtype: check_layer_against_cpu(
+                device, d, n, f, SHORT_ITERATIONS)))
+    return rows
+
+
+# --------------------------------------------------------------------------- host synchronisation
+@contextlib.contextmanager
+def no_host_sync(device: torch.device) -> Iterator[None]:
+    """Raise on any host read of a tensor value; on CUDA also on any synchronising CUDA call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+    class ForbidHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in host_reads:
+                raise RuntimeError(f"host read of a tensor value: {func}")
+            return func(*args, **(kwargs or {}))
+
+    on_cuda = torch.device(device).type == "cuda"
+    previous = torch.cuda.get_sync_debug_mode() if on_cuda else 0
+    if on_cuda:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with ForbidHostReads():
+            yield
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
+def check_no_host_sync(device: torch.device, name: str, layer: torch.nn.Module, iterations: int) -> Row:
+    """`iterations` training steps, an eval forward and an empty batch, with no host synchronisation."""
+    layer = layer.to(device)
+    generator = torch.Generator().manual_seed(2)
+    steps = []
+    for t in range(1, iterations + 1):
+        x, dy = phase_inputs(t, generator, SHORT_JUMP)
+        steps.append((x.float().to(device).requires_grad_(True), dy.float().to(device)))
+    empty = torch.zeros((0,) + INPUT_SHAPE[1:], device=device, requires_grad=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    case = f"{name}: {iterations} training steps across every phase boundary, eval, empty batch"
+    try:
+        with no_host_sync(device):
+            for x, dy in steps:
+                layer(x).backward(dy)
+            layer.eval()
+            with torch.no_grad():
+                layer(steps[0][0])
+            layer.train()
+            layer(empty).sum().backward()
+    except RuntimeError as error:
+        return Row("no host sync", case, _first_line(error), "none", "FAIL")
+    return Row("no host sync", case, "none", "none", "ok")
+
+
+def host_sync_rows(device: torch.device, iterations: int = SHORT_ITERATIONS) -> List[Row]:
+    from mabn_d2.layers import MABN2d
+
+    layers = {"MABN2d": lambda c: MABN2d(c, **SHORT_PHASES), **short_phase_layers()}
+    return [
+        _guarded("no host sync", name, lambda n=name, f=factory: check_no_host_sync(device, n, f(INPUT_SHAPE[1]), iterations))
+        for name, factory in layers.items()
+    ]
+
+
+# --------------------------------------------------------------------------- autocast
+def check_autocast(device: torch.device, dtype: torch.dtype, name: str, layer: torch.nn.Module, iterations: int) -> Row:
+    """conv -> layer under autocast: output in `dtype`, finite everywhere, float32 state, chi2 as in float32."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, INPUT_SHAPE[1], 3, padding=1).to(device)
+    layer = layer.to(device)
+    problems: List[str] = []
+    chi2_error = 0.0
+    for _ in range(iterations):
+        x = torch.randn(2, 3, 12, 16, device=device)
+        with torch.autocast(device.type, dtype=dtype):
+            features = conv(x)
+            y = layer(features)
+        y.float().pow(2).mean().backward()
+        if y.dtype != dtype:
+            problems.append(f"output {y.dtype}")
+        grads = [conv.weight.grad, layer.weight.grad, layer.bias.grad]
+        if not torch.isfinite(y).all() or not all(torch.isfinite(g).all() for g in grads):
+            problems.append("non-finite output or gradient")
+        if hasattr(layer, "x2_buffer") and hasattr(layer, "gz_buffer") and not hasattr(layer, "mean_buffer"):
+            slot = layer.iteration % layer.buffer_size
+            chi2_error = max(chi2_error, relative_error(layer.x2_buffer[slot], features.detach().double().pow(2).mean(DIMS).cpu()))
+        conv.zero_grad(set_to_none=True)
+        layer.zero_grad(set_to_none=True)
+    for key, value in layer.state_dict().items():
+        if value.is_floating_point() and (value.dtype != torch.float32 or not torch.isfinite(value).all()):
+            problems.append(f"state {key} {value.dtype}")
+    if chi2_error > 1e-3:
+        problems.append(f"chi2 rel. error {chi2_error:.1e}")
+    case = f"{name} under {_dtype_name(dtype)} autocast, {iterations} it. (every phase)"
+    result = "; ".join(sorted(set(problems))) or (
+        f"finite, output {_dtype_name(dtype)}, state float32" + (f", chi2 rel. error {chi2_error:.0e}" if chi2_error else "")
+    )
+    return Row("autocast", case, result, "finite, float32 state", "FAIL" if problems else "ok")
+
+
+def autocast_rows(device: torch.device, dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16)) -> List[Row]:
+    from mabn_d2.layers import MABN2d
+
+    layers = {"MABN2d": lambda c: MABN2d(c, **SHORT_PHASES), **short_phase_layers()}
+    return [
+        _guarded("autocast", f"{name} {_dtype_name(dtype)}", lambda n=name, f=factory, d=dtype: check_autocast(
+            device, d, n, f(INPUT_SHAPE[1]), SHORT_ITERATIONS))
+        for dtype in dtypes for name, factory in layers.items()
+    ]
+
+
+# --------------------------------------------------------------------------- speed
+def layer_time_rows(
+    device: torch.device, shapes: Optional[Sequence] = None, repeats: int = 20, norms: Optional[Sequence[str]] = None
+) -> List[Row]:
+    """Train and eval time of each norm per shape, as ratios to BatchNorm2d (train) and FrozenBN (eval)."""
+    from mabn_d2.research.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
+
+    norms = list(norms or NORMS)
+    for baseline in ("MABN2d", "BatchNorm2d", "FrozenBN"):
+        if baseline not in norms:
+            norms.append(baseline)
+    rows, train_ratios, eval_ratios, brn_ratios = [], [], [], []
+    for shape in shapes or DETECTION_SHAPES:
+        label = "x".join(map(str, shape))
+        result = benchmark_shape(shape, norms, repeats, device)
+        bn, frozen = result["train"]["BatchNorm2d"], result["eval"]["FrozenBN"]
+        for name in norms:
+            t, e = result["train"][name], result["eval"][name]
+            rows.append(Row("layer time", f"{label} {name}",
+                            f"train {t * 1e3:.3f} ms = {t / bn:.2f}x BN; eval {e * 1e3:.3f} ms = {e / frozen:.2f}x FrozenBN"))
+        train_ratios.append(result["train"]["MABN2d"] / bn)
+        eval_ratios.append(result["eval"]["MABN2d"] / frozen)
+        if "BatchRenorm2d" in norms:
+            brn_ratios.append(result["train"]["BatchRenorm2d"] / bn)
+    if brn_ratios:
+        brn = statistics.median(brn_ratios)
+        rows.append(_speed_row("layer time", "BatchRenorm2d, median over shapes", f"train {brn:.2f}x BN",
+                               {f"train <= {SPEED_TARGETS['BatchRenorm2d train']}x BN": brn <= SPEED_TARGETS["BatchRenorm2d train"]},
+                               device))
+    train, evaluation = statistics.median(train_ratios), statistics.median(eval_ratios)
+    rows.append(_speed_row("layer time", "MABN2d, median over shapes", f"train {train:.2f}x BN; eval {evaluation:.2f}x FrozenBN", {
+        f"train <= {SPEED_TARGETS['MABN2d train']}x BN": train <= SPEED_TARGETS["MABN2d train"],
+        f"eval <= {SPEED_TARGETS['MABN2d eval']}x FrozenBN": evaluation <= SPEED_TARGETS["MABN2d eval"],
+    }, device))
+    return rows
+
+
+def _speed_row(section: str, case: str, result: str, targets: Dict[str, bool], device: torch.device) -> Row:
+    """A timing row with the fast path's targets as its limit, judged for the Triton step on CUDA only."""
+    from mabn_d2.layers.backend import selected_backend
+
+    limit = ", ".join(targets)
+    if torch.device(device).type != "cuda" or selected_backend() == "torch":
+        return Row(section, case, result, f"target (Triton on CUDA): {limit}", "info")
+    return Row(section, case, result, limit, "ok" if all(targets.values()) else "FAIL")
+
+
+def maskrcnn_rows(
+    device: torch.device, height: int = 800, width: int = 1216, repeats: int = 10,
+    variants: Sequence[str] = ("MABN", "BN", "GN", "BRN"),
+) -> List[Row]:
+    """Median Mask R-CNN R50-FPN training step (2 images) per norm, as a ratio to BN."""
+    from mabn_d2.research.maskrcnn_benchmark import measure_training_steps
+
+    results = measure_training_steps(list(variants), height, width, repeats, str(device))
+    bn = results["BN"]["seconds"] if "BN" in results else None
+    rows = []
+    for name, result in results.items():
+        text = f"{result['seconds']:.3f} s" + (f" = {result['seconds'] / bn:.2f}x BN" if bn else "")
+        if "peak_bytes" in result:
+            text += f", peak {result['peak_bytes'] / 2**30:.1f} GiB"
+        case = f"{name}, 2 images of {height}x{width}, norm in backbone, FPN, heads"
+        if name == "MABN" and bn:
+            target = SPEED_TARGETS["MABN model step"]
+            rows.append(_speed_row("Mask R-CNN step", case, text, {f"<= {target}x BN": result["seconds"] / bn <= target}, device))
+        else:
+            rows.append(Row("Mask R-CNN step", case, text))
+    return rows
+
+
+# --------------------------------------------------------------------------- smoke stage
+SMOKE_SHAPE = (8, 96, 33, 35)  # several channel blocks and reduction programs per block on a GPU
+SMOKE_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                (torch.float64, torch.float64))  # (activation, state)
+
+
+def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List[Row]:
+    """Every kernel variant on the strict "triton" backend against the public path, then the counters.
+
+    MABN in each phase and Batch Renormalization with r and d clipped and free, per (activation
+    dtype, layout), at a multi-program shape; each check builds its own tensors (no layer state).
+    """
+    from mabn_d2.layers.triton import launch as triton_launch
+    from mabn_d2.layers.batch_renorm import batch_renorm_step
+    from mabn_d2.layers.triton.probe import probe_triton_batch_renorm, probe_triton_mabn
+
+    def probe_brn(x, state_dtype, shape):
+        return probe_triton_batch_renorm(x, state_dtype, shape, public_step=batch_renorm_step)
+
+    rows = []
+    with backend_context("triton"):
+        for dtype, state_dtype in SMOKE_DTYPES:
+            for channels_last in (False, True):
+                x = _on(torch.zeros(shape), device, dtype, channels_last)
+                label = f"{_dtype_name(dtype)}{' channels_last' if channels_last else ''} {'x'.join(map(str, shape))}"
+                for name, probe in (("MABN2d", probe_triton_mabn), ("BatchRenorm2d", probe_brn)):
+                    def check(probe=probe, name=name, x=x, label=label, state_dtype=state_dtype) -> Row:
+                        problem = probe(x, state_dtype, shape)
+                        return Row("smoke", f"{name} {label}", problem or "kernels = public path, every variant", "",
+                                   "FAIL" if problem else "ok")
+                    rows.append(_guarded("smoke", f"{name} {label}", check))
+        left = triton_launch.counters_left_set(torch.device(device))
+        rows.append(Row("smoke", "arrival counters after every launch", f"{left} left set", "0", "FAIL" if left else "ok"))
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+SUMMARY_LIMIT = 8192  # bytes of the printed summary
+
+
+class Reporter:
+    """Prints each row as soon as it is known (flushed) and appends it, in full, to an output file."""
+
+    def __init__(self, output: Optional[str] = None, stream=None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.output = output
+        self.rows: List[Row] = []
+        if output:
+            with open(output, "a") as f:
+                f.write("| section | case | result | limit | status |\n|---|---|---|---|---|\n")
+
+    def add(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            print(f"{row.status:4s} {row.section}: {row.case}: {row.result[:160]}", file=self.stream, flush=True)
+            if self.output:
+                with open(self.output, "a") as f:
+                    f.write(f"| {row.section} | {row.case} | {row.result} | {row.limit} | {row.status} |\n")
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+        if self.output:
+            with open(self.output, "a") as f:
+                f.write(text + "\n")
+
+    def summary(self) -> str:
+        """Pass/fail per section, the failed rows (shortened), then the speed ratios; at most SUMMARY_LIMIT bytes."""
+        sections: Dict[str, Dict[str, int]] = {}
+        for row in self.rows:
+            counts = sections.setdefault(row.section, {"ok": 0, "FAIL": 0, "info": 0})
+            counts[row.status] = counts.get(row.status, 0) + 1
+        lines = ["", "summary:"]
+        lines += [f"  {name}: {c['ok']} ok, {c['FAIL']} failed, {c['info']} measured"
+                  + (" -> FAIL" if c["FAIL"] else " -> pass") for name, c in sections.items()]
+        ratios = [r for r in self.rows if "median over shapes" in r.case or r.case.split("] ")[-1].startswith("MABN,")]
+        tail = ["speed ratios:"] + [f"  {r.case}: {r.result[:200]} [{r.status}; {r.limit[:120]}]" for r in ratios]
+        failed = [r for r in self.rows if r.status == "FAIL"]
+        budget = SUMMARY_LIMIT - len("\n".join(lines + tail).encode()) - 200
+        if failed:
+            lines.append("failed:")
+            for row in failed:
+                line = f"  {row.section}: {row.case[:100]}: {row.result[:200]}"
+                if budget - len(line.encode()) - 1 < 0:
+                    lines.append(f"  ... {len(failed) - (len(lines) - len(sections) - 3)} more (see the output file)")
+                    break
+                budget -= len(line.encode()) + 1
+                lines.append(line)
+        text = "\n".join(lines + tail)
+        return text.encode()[:SUMMARY_LIMIT].decode(errors="ignore")
+
+
+# --------------------------------------------------------------------------- table
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"[:300]
+
+
+def _guarded(section: str, case: str, check: Callable[[], Row]) -> Row:
+    """The check's row, or a FAIL row with the error's first line (the table always prints)."""
+    try:
+        return check()
+    except Exception as error:  # a failing check must not hide the others
+        return Row(section, case, _first_line(error), "", "FAIL")
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    lines = ["| section | case | result | limit | status |", "|---|---|---|---|---|"]
+    lines += [f"| {r.section} | {r.case} | {r.result} | {r.limit} | {r.status} |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_checks(
+    device: torch.device, backends: Sequence[str] = ("torch",), repeats: int = 20, model_repeats: int = 10,
+    speed: bool = True, model: bool = True, height: int = 800, width: int = 1216, shapes: Optional[Sequence] = None,
+    reporter: Optional[Reporter] = None,
+) -> List[Row]:
+    """Every check's rows, in table order, once per backend (`shapes`: layer-timing shapes, default R50-FPN's).
+
+    The timings of the norms without a backend choice (BN, GN, FrozenBN) are taken with the first
+    backend only. A `reporter` gets each section's rows as soon as they are measured.
+    """
+    sections: List[Tuple[str, Callable[[bool], List[Row]]]] = [
+        ("correctness", lambda first: correctness_rows(device)),
+        ("no host sync", lambda first: host_sync_rows(device)),
+        ("autocast", lambda first: autocast_rows(device)),
+    ]
+    if speed:
+        sections.append(("layer time", lambda first: layer_time_rows(
+            device, shapes, repeats, None if first else ["MABN2d", "BatchRenorm2d"])))
+    if model:
+        sections.append(("Mask R-CNN step", lambda first: maskrcnn_rows(
+            device, height, width, model_repeats, ("MABN", "BN", "GN", "BRN") if first else ("MABN", "BN", "BRN"))))
+    rows = []
+    for section, rows_of in sections:
+        for index, backend in enumerate(backends):
+            try:
+                with backend_context(backend):
+                    section_rows = rows_of(index == 0)
+            except Exception as error:
+                section_rows = [Row(section, "all cases", _first_line(error), "", "FAIL")]
+            section_rows = [dataclasses.replace(row, case=f"[{backend}] {row.case}") for row in section_rows]
+            if reporter is not None:
+                reporter.add(section_rows)
+            rows += section_rows
+    return rows
+
+
+def triton_served(device: torch.device) -> str:
+    """Which (layer, dtype, layout) keys the Triton kernels served on `device`, from the first-use checks."""
+    from mabn_d2.layers.backend import first_use_verdicts
+
+    served = [f"{owner} {_dtype_name(dtype)}{' channels_last' if cl else ''}"
+              for (owner, d, dtype, cl, _), verdict in first_use_verdicts().items()
+              if verdict is None and d.type == torch.device(device).type]
+    return ", ".join(sorted(served)) or "none"
+
+
+QUICK_SHAPES = [(2, 256, 200, 336), (2, 1024, 50, 84), (512, 256, 14, 14)]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="check_cuda.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="the CUDA device to check (default: cuda)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per layer and shape (median)")
+    parser.add_argument("--model-repeats", type=int, default=10, help="timed Mask R-CNN steps per variant (median)")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--skip-speed", action="store_true", help="no per-layer timing")
+    parser.add_argument("--skip-model", action="store_true", help="no Mask R-CNN timing")
+    parser.add_argument("--skip-smoke", action="store_true", help="no smoke stage")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke, correctness, host syncs, autocast, 3 layer shapes x 5 rounds, no Mask R-CNN")
+    parser.add_argument("--output", default=None, help="append every row, with its details, to this file")
+    parser.add_argument("--backends", nargs="+", choices=("torch", "auto", "triton"), default=None,
+                        help="training-step backends to check (default: torch, and triton when Triton is installed)")
+    args = parser.parse_args(argv)
+    try:
+        device = select_device(args.device)
+    except Unavailable as reason:
+        print(f"check_cuda: {reason}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backends = args.backends or available_backends()
+    reporter = Reporter(args.output)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    reporter.note(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                  f"training-step backends: {', '.join(backends)}")
+    if not args.skip_smoke and "triton" in backends:
+        smoke = smoke_rows(device)
+        reporter.add(smoke)
+        failed = [row for row in smoke if row.status == "FAIL"]
+        if failed:
+            print(f"check_cuda: smoke stage failed ({len(failed)} of {len(smoke)}): {failed[0].case}: "
+                  f"{failed[0].result[:300]}", file=sys.stderr, flush=True)
+            return 1
+    repeats = min(args.repeats, 5) if args.quick else args.repeats
+    shapes = QUICK_SHAPES if args.quick else None
+    rows = run_checks(device, backends, repeats, args.model_repeats, not args.skip_speed,
+                      not (args.skip_model or args.quick), args.height, args.width, shapes, reporter)
+    if "triton" in backends:
+        reporter.note(f"Triton kernels served (first-use checks passed): {triton_served(device)}")
+    print(reporter.summary(), flush=True)
+    failed = sum(row.status == "FAIL" for row in reporter.rows)
+    print(f"\n{failed} check(s) failed" if failed else "\nall checks passed")
+    return 1 if failed else 0
+
+
+def select_device(name: str) -> torch.device:
+    """The device to check: a CUDA device (see cuda_device)."""
+    return cuda_device(name)
+
+
