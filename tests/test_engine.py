@@ -337,4 +337,4 @@ def test_plugin_warnings_land_in_log_txt_with_level_and_time(demo_datasets_dir, 
             pass
     log = (out / "log.txt").read_text()
     line = next(line for line in log.splitlines() if "re-normalization starts after iteration" in line)
-    assert re.match(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] mabn_d2\.engine WARNING: MABN re-normalization", line), line
+    assert re.match(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] mabn_d2\.engine\.trainer WARNING: MABN re-normalization", line), line

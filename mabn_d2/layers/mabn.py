@@ -147,9 +147,9 @@ class MABN2d(MovingAverageNorm):
         """
         refuse_graph_capture(x, "MABN2d")
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
-        parameters, buffers = self._parameters, self._buffers  # direct reads: no Module.__getattr__ per tensor
-        state = (parameters["weight"], parameters["bias"], buffers["running_var"], buffers["x2_buffer"],
-                 buffers["gz_buffer"])
+        buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
+        # weight and bias by attribute: CycleMABNList turns them into buffers
+        state = (self.weight, self.bias, buffers["running_var"], buffers["x2_buffer"], buffers["gz_buffer"])
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
                             _first_use_check, state[2].dtype,
                             self.__dict__.setdefault("_backend_decisions", {}))
