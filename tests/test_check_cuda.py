@@ -49,14 +49,14 @@ def test_correctness_checks_pass_on_the_cpu(check_cuda, dtype):
 
 
 def test_correctness_check_fails_when_the_math_is_wrong(check_cuda, monkeypatch):
-    import mabn_d2.layers.functional as functional
+    import mabn_d2.layers.mabn as mabn_module
 
-    original = functional.channel_normalize
+    original = mabn_module.channel_normalize
 
     def off_by_a_little(x, var, scale, shift, eps, mean=None):
         return original(x, var, scale * 1.001, shift, eps, mean)
 
-    monkeypatch.setattr(functional, "channel_normalize", off_by_a_little)
+    monkeypatch.setattr(mabn_module, "channel_normalize", off_by_a_little)
     row = check_cuda.check_mabn_against_spec(
         CPU, torch.float32, check_cuda.SHORT_PHASES, check_cuda.SHORT_ITERATIONS, check_cuda.SHORT_JUMP
     )

@@ -9,6 +9,7 @@ the project imports first, and says in one line what a torch-only GPU box lacks 
 import importlib.util
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -44,7 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
     try:
-        from mabn_d2.research import cuda_check
+        with warnings.catch_warnings():  # detectron2's import-time deprecation warnings: not this check's output
+            warnings.simplefilter("ignore")
+            from mabn_d2.research import cuda_check
     except ImportError as error:
         if not torch.cuda.is_available():
             print(f"check_cuda: no CUDA GPU available (torch {torch.__version__}, torch.cuda.is_available() is "

@@ -436,9 +436,13 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
     MABN in each phase and Batch Renormalization with r and d clipped and free, per (activation
     dtype, layout), at a multi-program shape; each check builds its own tensors (no layer state).
     """
-    from mabn_d2.layers.triton import launch as triton_launch
+    from mabn_d2.layers import MABNFunction
     from mabn_d2.layers.batch_renorm import batch_renorm_step
+    from mabn_d2.layers.triton import launch as triton_launch
     from mabn_d2.layers.triton.probe import probe_triton_batch_renorm, probe_triton_mabn
+
+    def probe_mabn(x, state_dtype, shape):
+        return probe_triton_mabn(x, state_dtype, shape, public_function=MABNFunction)
 
     def probe_brn(x, state_dtype, shape):
         return probe_triton_batch_renorm(x, state_dtype, shape, public_step=batch_renorm_step)
@@ -449,7 +453,7 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
             for channels_last in (False, True):
                 x = _on(torch.zeros(shape), device, dtype, channels_last)
                 label = f"{_dtype_name(dtype)}{' channels_last' if channels_last else ''} {'x'.join(map(str, shape))}"
-                for name, probe in (("MABN2d", probe_triton_mabn), ("BatchRenorm2d", probe_brn)):
+                for name, probe in (("MABN2d", probe_mabn), ("BatchRenorm2d", probe_brn)):
                     def check(probe=probe, name=name, x=x, label=label, state_dtype=state_dtype) -> Row:
                         problem = probe(x, state_dtype, shape)
                         return Row("smoke", f"{name} {label}", problem or "kernels = public path, every variant", "",
