@@ -77,9 +77,9 @@ def test_paper_setting_table_has_a_row_per_arm_with_seeds_and_chi2():
     records = [_record("BN2", 0, 7.0, 5.0), _record("BN2", 1, 9.0, 6.0),
                _record("MABN_per_gpu", 0, 8.0, 6.0, chi2_lag=lag)]
     table = paper_setting_table(records)
-    assert "| BN2 | 0, 1 | 8.0 ± 1.4 / 5.5 ± 0.7 | 7.0 / 5.0; 9.0 / 6.0 | 3.5 / 2.5; 4.5 / 3.0 | 1.000 (steps 2-4) | – |" \
-        in table
-    assert "| MABN_per_gpu | 0 | 8.0 / 6.0 |" in table and "17-30: 0.12 (+0.02)" in table
+    assert ("| BN2 | 0, 1 | 8.0 ± 1.4 / 5.5 ± 0.7 | 7.0 / 5.0; 9.0 / 6.0 | seed 0 2: 3.5 / 2.5; seed 1 2: 4.5 / 3.0 "
+            "| 1.000 (steps 2-4) | – |") in table
+    assert "| MABN_per_gpu | 0 | 8.0 / 6.0 | 8.0 / 6.0 | 2: 4.0 / 3.0 |" in table and "17-30: 0.12 (+0.02)" in table
 
 
 def _tool():
