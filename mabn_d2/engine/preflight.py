@@ -16,7 +16,6 @@ __all__ = ["STOCK_NORMS", "UsageError", "check_device", "check_norm_names", "che
            "norm_items", "valid_norm_names"]
 
 
-
 def first_line(error: BaseException) -> str:
     """An error's first line (its type's name when it says nothing), for one-line messages."""
     text = (str(error).strip().strip("'\"").splitlines() or [""])[0]

@@ -18,7 +18,9 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_setup, hooks
+from detectron2.engine import (
+    AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_setup, hooks,
+)
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger

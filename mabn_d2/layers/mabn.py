@@ -149,9 +149,10 @@ class MABN2d(MovingAverageNorm):
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
         # weight and bias by attribute: CycleMABNList turns them into buffers
-        state = (self.weight, self.bias, buffers["running_var"], buffers["x2_buffer"], buffers["gz_buffer"])
+        running_var = buffers["running_var"]
+        state = (self.weight, self.bias, running_var, buffers["x2_buffer"], buffers["gz_buffer"])
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            _first_use_check, state[2].dtype,
+                            _first_use_check, running_var.dtype,
                             self.__dict__.setdefault("_backend_decisions", {}))
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(

@@ -1,4 +1,5 @@
-"""The checks behind tools/check_cuda.py (its CLI is `main`): MABN on one CUDA GPU, one table: correctness, host syncs, autocast, speed.
+"""The checks behind tools/check_cuda.py (its CLI is `main`): MABN on one CUDA GPU, one table:
+correctness, host syncs, autocast, speed.
 
 1. correctness: MABN2d over every phase (batch statistics, moving averages, clipped
    re-normalization) against the float64 CPU computation of the algorithm in
@@ -626,8 +627,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
     repeats = min(args.repeats, 5) if args.quick else args.repeats
     shapes = QUICK_SHAPES if args.quick else None
-    rows = run_checks(device, backends, repeats, args.model_repeats, not args.skip_speed,
-                      not (args.skip_model or args.quick), args.height, args.width, shapes, reporter)
+    run_checks(device, backends, repeats, args.model_repeats, not args.skip_speed,
+               not (args.skip_model or args.quick), args.height, args.width, shapes, reporter)
     if "triton" in backends:
         reporter.note(f"Triton kernels served (first-use checks passed): {triton_served(device)}")
     print(reporter.summary(), flush=True)

@@ -10,7 +10,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .launch import (
-    arrival_counters, kernel_module, launch_channel_affine, matching_layout, plan_reduction_for, unsupported_input_reason, launch_guard, launch_reduction,
+    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, step_plan,
+    unsupported_input_reason,
 )
 
 __all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
@@ -43,23 +44,23 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         if x.numel() == 0:
             raise ValueError("TritonBatchRenormFunction needs a non-empty batch")
         kernels = kernel_module("batch_renorm_kernels")
+        plan = step_plan(x)
+        reduction, count = plan.reduction, plan.count
         with launch_guard(x.device):
-            n, c, h, w = x.shape
-            count = n * h * w
-            plan, channels_last = plan_reduction_for(x)
             # one allocation: statistics first (alignment fixed by C), then the partial sums
-            workspace = torch.empty((kernels.STATS_ROWS + 2 * plan.num_splits, c), dtype=running_var.dtype,
-                                    device=x.device)
+            workspace = torch.empty((kernels.STATS_ROWS + 2 * reduction.num_splits, plan.channels),
+                                    dtype=running_var.dtype, device=x.device)
             stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
-            launch_reduction(kernels.forward_statistics_kernel, plan.grid, x.device, "BatchRenorm2d forward",
-                x, weight, bias, running_mean, running_var, partials, arrival_counters(x.device, plan.channel_blocks),
-                stats, c, h * w, count, plan.num_tiles, plan.num_splits,
+            launch_reduction(kernels.forward_statistics_kernel, reduction.grid, x.device, "BatchRenorm2d forward",
+                x, weight, bias, running_mean, running_var, partials,
+                arrival_counters(x.device, reduction.channel_blocks),
+                stats, plan.channels, plan.hw, count, reduction.num_tiles, reduction.num_splits,
                 ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
-                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r,
-                BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=plan.channels_last, BLOCK_R=reduction.block_r,
+                BLOCK_C=reduction.block_c, BLOCK_S=reduction.block_s,
             )
             y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT],
-                                      channels_last=channels_last)
+                                      channels_last=plan.channels_last, plan=plan.affine)
         ctx.save_for_backward(x, stats)
         return y
 
@@ -69,20 +70,22 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         kernels = kernel_module("batch_renorm_kernels")
         x, stats = ctx.saved_tensors
         grad_out = matching_layout(grad_out, x)
+        plan = step_plan(x)
+        reduction = plan.reduction
         with launch_guard(x.device):
-            n, c, h, w = x.shape
-            plan, channels_last = plan_reduction_for(x)
-            workspace = torch.empty((kernels.GRADS_ROWS + 2 * plan.num_splits, c), dtype=stats.dtype, device=x.device)
+            workspace = torch.empty((kernels.GRADS_ROWS + 2 * reduction.num_splits, plan.channels), dtype=stats.dtype,
+                                    device=x.device)
             grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
-            launch_reduction(kernels.backward_statistics_kernel, plan.grid, x.device, "BatchRenorm2d backward",
-                grad_out, x, stats, partials, arrival_counters(x.device, plan.channel_blocks), grads,
-                c, h * w, n * h * w, plan.num_tiles, plan.num_splits,
-                CHANNELS_LAST=channels_last, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+            launch_reduction(kernels.backward_statistics_kernel, reduction.grid, x.device, "BatchRenorm2d backward",
+                grad_out, x, stats, partials, arrival_counters(x.device, reduction.channel_blocks), grads,
+                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits,
+                CHANNELS_LAST=plan.channels_last, BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c,
+                BLOCK_S=reduction.block_s,
             )
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = launch_channel_affine(
                     grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
-                    scale_b=grads[kernels.GRADS_X_COEF], channels_last=channels_last,
+                    scale_b=grads[kernels.GRADS_X_COEF], channels_last=plan.channels_last, plan=plan.affine,
                 )
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None

@@ -16,7 +16,7 @@ import torch
 __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
-    "launch_channel_affine", "plan_reduction_for", "matching_layout", "launch_guard", "launch_reduction",
+    "launch_channel_affine", "matching_layout", "launch_guard", "launch_reduction",
     "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR", "StepPlan", "step_plan",
 ]
 
@@ -150,13 +150,6 @@ _NO_GUARD = contextlib.nullcontext()
 
 def is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def plan_reduction_for(x: torch.Tensor) -> Tuple[ReductionPlan, bool]:
-    """The reduction plan for a 4-D activation and whether it is read as channels_last."""
-    n, c, h, w = x.shape
-    channels_last = is_channels_last(x)
-    return reduction_plan(n, c, h * w, channels_last, sm_count(x.device), TUNING), channels_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,17 +290,13 @@ def launch_channel_affine(
     if plan is None:
         n, c, h, w = a.shape
         plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
-    _common_kernels().channel_affine_kernel[plan.grid](
+    kernel_module("common").channel_affine_kernel[plan.grid](
         a, b if b is not None else a, scale_a, scale_b if scale_b is not None else scale_a,
         shift if shift is not None else scale_a, out, plan.rows, plan.row_len, a.shape[1],
         HAS_B=b is not None, HAS_SHIFT=shift is not None, CHANNELS_LAST=channels_last,
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, num_warps=TUNING.num_warps,
     )
     return out
-
-
-def _common_kernels() -> ModuleType:
-    return kernel_module("common")
 
 
 def matching_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

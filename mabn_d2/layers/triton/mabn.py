@@ -13,7 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from ..base import MABNPhase
 from .launch import (
-    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, ring_block, step_plan, unsupported_input_reason,
+    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, ring_block,
+    step_plan, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
