@@ -68,12 +68,12 @@ def test_correctness_check_requires_clipped_renormalization(check_cuda):
     assert row.status == "FAIL" and "never clipped" in row.result
 
 
-def test_host_sync_checks_pass_on_the_cpu(check_cuda):
-    rows = check_cuda.host_sync_rows(CPU)
+def test_host_sync_checks_pass_on_the_cpu(check_cuda, check_cuda_tool):
+    rows = check_cuda.host_sync_rows(CPU, host_read_watch=check_cuda_tool.forbid_host_reads)
     assert [row.status for row in rows] == ["ok"] * 4, check_cuda.markdown(rows)
 
 
-def test_host_sync_check_catches_a_host_read(check_cuda):
+def test_host_sync_check_catches_a_host_read(check_cuda, check_cuda_tool):
     from mabn_d2.layers import MABN2d
 
     class ReadsItsStatistics(MABN2d):
@@ -82,7 +82,8 @@ def test_host_sync_check_catches_a_host_read(check_cuda):
                 raise AssertionError("unreachable")
             return super().forward(x)
 
-    row = check_cuda.check_no_host_sync(CPU, "reads", ReadsItsStatistics(6, **check_cuda.SHORT_PHASES), 3)
+    row = check_cuda.check_no_host_sync(CPU, "reads", ReadsItsStatistics(6, **check_cuda.SHORT_PHASES), 3,
+                                        host_read_watch=check_cuda_tool.forbid_host_reads)
     assert row.status == "FAIL" and "host read" in row.result
 
 
@@ -153,8 +154,9 @@ def test_each_section_runs_once_per_backend_and_says_which(check_cuda, monkeypat
 
 
 @pytest.mark.slow
-def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda):
-    rows = check_cuda.run_checks(CPU, repeats=1, model_repeats=1, height=64, width=96, shapes=[(2, 64, 6, 8)])
+def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda, check_cuda_tool):
+    rows = check_cuda.run_checks(CPU, repeats=1, model_repeats=1, height=64, width=96, shapes=[(2, 64, 6, 8)],
+                                 host_read_watch=check_cuda_tool.forbid_host_reads)
     assert not [row for row in rows if row.status == "FAIL"], check_cuda.markdown(rows)
     sections = [row.section for row in rows]
     assert [sections.count(s) for s in ("correctness", "no host sync", "autocast", "layer time")] == [11, 4, 8, 7]

@@ -11,11 +11,6 @@ import pytest
 from .conftest import REPO_ROOT
 
 PACKAGE_DIR = os.path.join(REPO_ROOT, "mabn_d2")
-# Files that may name private entry points, and why: none of them computes with one.
-EXEMPT = {
-    os.path.join("mabn_d2", "research", "cuda_check.py"):
-        "its host-sync check watches for aten item/_local_scalar_dense in a TorchDispatchMode; it calls neither",
-}
 
 
 def _is_private(name: str) -> bool:
@@ -93,8 +88,6 @@ def _package_sources():
         for name in sorted(files):
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
-                if os.path.relpath(path, REPO_ROOT) in EXEMPT:
-                    continue
                 with open(path, encoding="utf-8") as f:
                     yield os.path.relpath(path, REPO_ROOT), f.read()
 

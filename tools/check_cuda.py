@@ -6,11 +6,12 @@ the project imports first, and says in one line what a torch-only GPU box lacks 
 
   python tools/check_cuda.py --quick --output check.md
 """
+import contextlib
 import importlib.util
 import os
 import sys
 import warnings
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -39,6 +40,27 @@ def missing_packages() -> List[str]:
     return missing
 
 
+@contextlib.contextmanager
+def forbid_host_reads() -> Iterator[None]:
+    """Raise on any host read of a tensor value (`.item()`, `bool(t)`, ...), on any device.
+
+    It watches ATen's scalar-read ops in a dispatch mode; it lives here, not in the package, which
+    uses public PyTorch only (on CUDA, torch.cuda.set_sync_debug_mode catches the same reads).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+    class ForbidHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in host_reads:
+                raise RuntimeError(f"host read of a tensor value: {func}")
+            return func(*args, **(kwargs or {}))
+
+    with ForbidHostReads():
+        yield
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Import the checks (mabn_d2.research.cuda_check) and run them; a box that cannot import the
     project gets one line naming what it lacks (and no CUDA GPU first, if it has none)."""
@@ -57,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"check_cuda: cannot import mabn_d2 ({error}); missing: {missing}; put detectron2 and its "
                   "pure-Python dependencies on PYTHONPATH", file=sys.stderr)
         return 2
-    return cuda_check.main(argv)
+    return cuda_check.main(argv, host_read_watch=forbid_host_reads)
 
 
 if __name__ == "__main__":
