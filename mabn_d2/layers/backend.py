@@ -42,11 +42,20 @@ def _checked(name: str, source: str) -> str:
     return name
 
 
+_environment_choice: Tuple[Optional[str], str] = (None, "auto")  # the variable's last value, its backend
+
+
 def selected_backend() -> str:
     """The backend in force: `set_backend`'s choice, else $MABN_D2_BACKEND, else "auto"."""
+    global _environment_choice
     if _override is not None:
         return _override
-    return _checked(os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto", BACKEND_ENV_VAR)
+    raw = os.environ.get(BACKEND_ENV_VAR)
+    seen, backend = _environment_choice
+    if raw != seen:  # parsed once per value, not per training step
+        backend = "auto" if raw is None else _checked(raw.strip().lower() or "auto", BACKEND_ENV_VAR)
+        _environment_choice = (raw, backend)
+    return backend
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -82,7 +91,7 @@ def refuse_graph_capture(x: torch.Tensor, owner: str) -> None:
     a replayed graph would repeat the captured iteration's decisions, and the first-use check
     reads results back. Eval mode (a frozen per-channel affine) captures fine.
     """
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"{owner}: a training step cannot be captured into a CUDA graph: its phase and ring-buffer slot are "
             "decided on the host at every iteration, so a replay would repeat one iteration. Capture the model in "

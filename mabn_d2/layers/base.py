@@ -1,10 +1,10 @@
 """State shared by the moving-average norms: a host-side iteration counter and MABN's settings.
 
 Phase decisions (warm-ups, ring-buffer slot) are taken from a Python int so that a training
-step never reads the device; the count is mirrored in the `num_batches_tracked` buffer so a
-checkpoint restores it, and read back once at load time.
+step never reads the device; the count is mirrored in the `num_batches_tracked` buffer (when
+the buffer is read or saved) so a checkpoint restores it, and read back once at load time.
 """
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -52,26 +52,48 @@ def running_var_decay(ema_decay: float, phase: MABNPhase) -> float:
 
 
 class HostIterationCounter(nn.Module):
-    """Counts training forwards on the host, mirrored in the `num_batches_tracked` buffer."""
+    """Counts training forwards on the host, mirrored in the `num_batches_tracked` buffer.
+
+    The buffer is brought up to date when it is read (as an attribute or through `state_dict`),
+    not written at every step: a training step spends no device write, and on CUDA no kernel
+    launch, on its counter. Loading a state_dict sets the host count from the buffer.
+    """
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self._iteration = 0
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     @property
     def iteration(self) -> int:
         """Training forwards so far (host-side; equals num_batches_tracked)."""
         return self._iteration
 
+    @property
+    def num_batches_tracked(self) -> Optional[torch.Tensor]:
+        """The buffer holding the training forwards so far (the checkpoint field), up to date."""
+        if "num_batches_tracked" not in self._buffers:  # not registered yet (register_buffer asks hasattr)
+            raise AttributeError("num_batches_tracked")
+        return self._mirror_iteration()
+
+    def _mirror_iteration(self) -> Optional[torch.Tensor]:
+        counter = self._buffers.get("num_batches_tracked")
+        if counter is not None:
+            counter.fill_(self._iteration)
+        return counter
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._mirror_iteration()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _advance_iteration(self) -> int:
-        self._iteration += 1
-        self._buffers["num_batches_tracked"].add_(1)
-        return self._iteration
+        attributes = self.__dict__  # a plain int attribute: skip Module.__setattr__'s checks, once per step
+        iteration = attributes["_iteration"] = attributes["_iteration"] + 1
+        return iteration
 
     def _reset_iteration(self) -> None:
         self._iteration = 0
-        self.num_batches_tracked.zero_()
+        self._mirror_iteration()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -134,6 +156,14 @@ class MovingAverageNorm(HostIterationCounter):
         self.reset_running_stats()
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
+
+    def _affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """weight and bias, read per training step without Module.__getattr__ (parameters, or
+        constant buffers under CycleMABNList)."""
+        weight = self._parameters.get("weight")
+        if weight is None:
+            return self.weight, self.bias
+        return weight, self._parameters["bias"]
 
     def _next_phase(self) -> MABNPhase:
         """Advance the counter and decide this training iteration's phase, on the host."""

@@ -148,9 +148,8 @@ class MABN2d(MovingAverageNorm):
         refuse_graph_capture(x, "MABN2d")
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
-        # weight and bias by attribute: CycleMABNList turns them into buffers
         running_var = buffers["running_var"]
-        state = (self.weight, self.bias, running_var, buffers["x2_buffer"], buffers["gz_buffer"])
+        state = (*self._affine(), running_var, buffers["x2_buffer"], buffers["gz_buffer"])
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
                             _first_use_check, running_var.dtype,
                             self.__dict__.setdefault("_backend_decisions", {}))

@@ -83,7 +83,7 @@ def test_cuda_graph_capture_of_a_training_step_is_refused_with_the_reason(monkey
     import pytest
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True)
     with pytest.raises(RuntimeError, match="MABN2d: a training step cannot be captured into a CUDA graph"):
         backend_module.refuse_graph_capture(on_cuda, "MABN2d")
     backend_module.refuse_graph_capture(torch.zeros(1), "MABN2d")  # CPU tensors are never captured

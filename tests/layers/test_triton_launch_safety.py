@@ -164,5 +164,5 @@ def test_a_launch_that_raises_leaves_its_counters_zeroed():
             return launch
 
     with pytest.raises(RuntimeError, match="ptxas failed"):
-        triton_launch.launch_reduction(Failing(), (1, 1), device, "test")
+        triton_launch.launch_reduction(Failing(), (1, 1), device, "test", (), {})
     assert triton_launch.counters_left_set(device) == 0

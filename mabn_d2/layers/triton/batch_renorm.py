@@ -52,15 +52,12 @@ class TritonBatchRenormFunction(torch.autograd.Function):
                                     dtype=running_var.dtype, device=x.device)
             stats, partials = workspace[:kernels.STATS_ROWS], workspace[kernels.STATS_ROWS:]
             launch_reduction(kernels.forward_statistics_kernel, reduction.grid, x.device, "BatchRenorm2d forward",
-                x, weight, bias, running_mean, running_var, partials,
-                arrival_counters(x.device, reduction.channel_blocks),
-                stats, plan.channels, plan.hw, count, reduction.num_tiles, reduction.num_splits,
-                ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max,
-                LERP_FROM_END=ema_update_rate >= 0.5, CHANNELS_LAST=plan.channels_last, BLOCK_R=reduction.block_r,
-                BLOCK_C=reduction.block_c, BLOCK_S=reduction.block_s,
+                (x, weight, bias, running_mean, running_var, partials,
+                 arrival_counters(x.device, reduction.channel_blocks), stats, *plan.reduction_sizes,
+                 ema_update_rate, 1.0 - ema_update_rate, count / max(count - 1, 1), eps, 1.0 / r_max, r_max, d_max),
+                dict(plan.reduction_blocks, LERP_FROM_END=ema_update_rate >= 0.5),
             )
-            y = launch_channel_affine(x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT],
-                                      channels_last=plan.channels_last, plan=plan.affine)
+            y = launch_channel_affine(plan, x, stats[kernels.STATS_SCALE], stats[kernels.STATS_SHIFT])
         ctx.save_for_backward(x, stats)
         return y
 
@@ -77,15 +74,11 @@ class TritonBatchRenormFunction(torch.autograd.Function):
                                     device=x.device)
             grads, partials = workspace[:kernels.GRADS_ROWS], workspace[kernels.GRADS_ROWS:]
             launch_reduction(kernels.backward_statistics_kernel, reduction.grid, x.device, "BatchRenorm2d backward",
-                grad_out, x, stats, partials, arrival_counters(x.device, reduction.channel_blocks), grads,
-                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits,
-                CHANNELS_LAST=plan.channels_last, BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c,
-                BLOCK_S=reduction.block_s,
+                (grad_out, x, stats, partials, arrival_counters(x.device, reduction.channel_blocks), grads,
+                 *plan.reduction_sizes), plan.reduction_blocks,
             )
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = launch_channel_affine(
-                    grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET], b=x,
-                    scale_b=grads[kernels.GRADS_X_COEF], channels_last=plan.channels_last, plan=plan.affine,
-                )
+                grad_x = launch_channel_affine(plan, grad_out, stats[kernels.STATS_SCALE], grads[kernels.GRADS_OFFSET],
+                                               b=x, scale_b=grads[kernels.GRADS_X_COEF])
         return grad_x, grads[kernels.GRADS_WEIGHT], grads[kernels.GRADS_BIAS], None, None, None, None, None, None

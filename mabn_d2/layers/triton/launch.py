@@ -9,7 +9,7 @@ import functools
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,7 +59,7 @@ class ReductionPlan:
     num_splits: int  # programs per channel block
     block_s: int  # partial-sum rows per load in the epilogue
 
-    @property
+    @functools.cached_property  # read per launch: computed once
     def grid(self) -> Tuple[int, int]:
         return (self.channel_blocks, self.num_splits)
 
@@ -71,7 +71,7 @@ class ElementwisePlan:
     block_m: int
     block_k: int
 
-    @property
+    @functools.cached_property  # read per launch: computed once
     def grid(self) -> Tuple[int, int]:
         return (_cdiv(self.rows, self.block_m), _cdiv(self.row_len, self.block_k))
 
@@ -140,12 +140,15 @@ def launch_guard(device: torch.device) -> contextlib.AbstractContextManager:
     tensors' device; under this guard both are the ones PyTorch uses for the layer's tensors
     (a model on cuda:1 while cuda:0 is current computes on cuda:1).
     """
-    if device.type != "cuda" or (torch.cuda.is_initialized() and device.index == torch.cuda.current_device()):
+    if device == _CPU or device.type != "cuda" \
+            or (torch.cuda.is_initialized() and device.index == torch.cuda.current_device()):
         return _NO_GUARD
     return torch.cuda.device(device)
 
 
 _NO_GUARD = contextlib.nullcontext()
+# Compared first in the per-launch checks: `device.type` builds a new string on every read.
+_CPU = torch.device("cpu")
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -156,7 +159,9 @@ def is_channels_last(x: torch.Tensor) -> bool:
 class StepPlan:
     """Everything a training step's launches need that follows from the input's geometry alone.
 
-    Built once per (shape, strides, device) and reused, so a step spends no Python on plans.
+    Built once per (shape, strides, device) and reused, so a step spends no Python on plans: the
+    size arguments and block constants of both launch kinds are ready-made tuples and dicts, and
+    `launch_constants` holds what each layer type derives from the plan (see `layer_constants`).
     """
 
     reduction: ReductionPlan
@@ -165,6 +170,36 @@ class StepPlan:
     channels: int
     hw: int
     count: int  # N * H * W, the elements each channel reduces over
+    # derived from the fields above, ready to pass to a launch
+    reduction_sizes: Tuple[int, ...] = dataclasses.field(init=False, compare=False)  # C, HW, count, tiles, splits
+    affine_sizes: Tuple[int, int, int] = dataclasses.field(init=False, compare=False)  # rows, row_len, C
+    reduction_blocks: Dict[str, object] = dataclasses.field(init=False, compare=False)
+    affine_blocks: Dict[Tuple[bool, bool], Dict[str, object]] = dataclasses.field(init=False, compare=False)
+    launch_constants: Dict[Tuple, object] = dataclasses.field(init=False, compare=False)
+
+    def __post_init__(self):
+        r, a = self.reduction, self.affine
+        derived = dict(
+            reduction_sizes=(self.channels, self.hw, self.count, r.num_tiles, r.num_splits),
+            affine_sizes=(a.rows, a.row_len, self.channels),
+            reduction_blocks=dict(CHANNELS_LAST=self.channels_last, BLOCK_R=r.block_r, BLOCK_C=r.block_c,
+                                  BLOCK_S=r.block_s),
+            affine_blocks={
+                (has_b, has_shift): dict(HAS_B=has_b, HAS_SHIFT=has_shift, CHANNELS_LAST=self.channels_last,
+                                         BLOCK_M=a.block_m, BLOCK_K=a.block_k, num_warps=TUNING.num_warps)
+                for has_b in (False, True) for has_shift in (False, True)
+            },
+            launch_constants={},
+        )
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    def layer_constants(self, key: Tuple, build: Callable[["StepPlan"], object]) -> object:
+        """`build(self)`, computed once per key (a layer type's launch constants for this geometry)."""
+        constants = self.launch_constants.get(key)
+        if constants is None:
+            constants = self.launch_constants[key] = build(self)
+        return constants
 
 
 _step_plans: Dict[Tuple, StepPlan] = {}
@@ -193,7 +228,7 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
 
     One set per (device, stream): launches on one stream run in order, so they never overlap.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = 0 if device == _CPU or device.type != "cuda" else torch.cuda.current_stream(device).cuda_stream
     counters = _counters.get((device, stream))
     if counters is None or counters.numel() < size:
         counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
@@ -218,15 +253,17 @@ def counters_left_set(device: Optional[torch.device] = None) -> int:
                if device is None or d == device)
 
 
-def launch_reduction(kernel, grid: Tuple[int, int], device: torch.device, owner: str, *args, **kwargs) -> None:
-    """Launch a statistics kernel; its arrival counters are zero afterwards, by the kernel or by this.
+def launch_reduction(kernel, grid: Tuple[int, int], device: torch.device, owner: str, args: Tuple,
+                     constants: Dict[str, object]) -> None:
+    """`kernel[grid](*args, **constants)`, a statistics kernel; its arrival counters are zero
+    afterwards, by the kernel or by this (the arguments come packed: no re-packing per launch).
 
     The last program of each channel block resets its counter. A launch that raises (a compile or
     driver error) may leave counters set, which would silently corrupt every later reduction on
     this stream: they are zeroed before the error propagates.
     """
     try:
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*args, **constants)
     except Exception:
         for (d, _), counters in _counters.items():
             if d == device:
@@ -273,28 +310,20 @@ def unsupported_input_reason(
 
 
 def launch_channel_affine(
-    a: torch.Tensor, scale_a: torch.Tensor, shift: Optional[torch.Tensor],
+    plan: StepPlan, a: torch.Tensor, scale_a: torch.Tensor, shift: Optional[torch.Tensor],
     b: Optional[torch.Tensor] = None, scale_b: Optional[torch.Tensor] = None,
-    channels_last: Optional[bool] = None, plan: Optional[ElementwisePlan] = None,
 ) -> torch.Tensor:
-    """a * scale_a[c] (+ b * scale_b[c]) (+ shift[c]) in one pass; b's dtype and a's layout when
-    b is given (a gradient for b), else a's dtype. `channels_last` and `plan`: a's layout and
-    elementwise plan, if the caller has them (a StepPlan: pass both), else derived here.
+    """a * scale_a[c] (+ b * scale_b[c]) (+ shift[c]) in one pass, over a tensor of `plan`'s
+    geometry; b's dtype and a's layout when b is given (a gradient for b), else a's dtype.
 
     The scales are read as the first C elements of `scale_a` / `scale_b`: row 0 of a [rows, C]
     workspace can be passed as the workspace itself, without a view.
     """
     out = torch.empty_like(a) if b is None or b.dtype == a.dtype else torch.empty_like(a, dtype=b.dtype)
-    if channels_last is None:
-        channels_last = is_channels_last(a)
-    if plan is None:
-        n, c, h, w = a.shape
-        plan = elementwise_plan(n, c, h * w, channels_last, TUNING)
-    kernel_module("common").channel_affine_kernel[plan.grid](
-        a, b if b is not None else a, scale_a, scale_b if scale_b is not None else scale_a,
-        shift if shift is not None else scale_a, out, plan.rows, plan.row_len, a.shape[1],
-        HAS_B=b is not None, HAS_SHIFT=shift is not None, CHANNELS_LAST=channels_last,
-        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, num_warps=TUNING.num_warps,
+    kernel_module("common").channel_affine_kernel[plan.affine.grid](
+        a, a if b is None else b, scale_a, scale_a if scale_b is None else scale_b,
+        scale_a if shift is None else shift, out, *plan.affine_sizes,
+        **plan.affine_blocks[b is not None, shift is not None],
     )
     return out
 

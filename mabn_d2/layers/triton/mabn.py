@@ -6,15 +6,15 @@ normalizing pass; the backward is one reduction whose epilogue updates the Psi r
 then one pass for dx. Phase and hyper-parameters come from the host (`MABNPhase`), nothing is
 read back from the device, and only x (plus [4, C] per-channel numbers) is saved for backward.
 """
-from typing import Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..base import MABNPhase
 from .launch import (
-    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, ring_block,
-    step_plan, unsupported_input_reason,
+    StepPlan, arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
+    ring_block, step_plan, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -30,13 +30,38 @@ def triton_mabn_unsupported_reason(
     return unsupported_input_reason(x, running_var.dtype, state)
 
 
+class MABNLaunchConstants(NamedTuple):
+    """What MABN's launches need beyond the StepPlan, per (geometry, ring size, phase flags)."""
+
+    stats_shape: Tuple[int, int]  # the forward's workspace
+    grads_shape: Tuple[int, int]  # the backward's workspace
+    forward_blocks: Dict[str, object]  # the forward reduction's constexprs
+    backward_blocks: Dict[str, object]
+
+
+def _launch_constants(buffer_size: int, use_batch_statistics: bool, renormalize: bool
+                      ) -> Callable[[StepPlan], MABNLaunchConstants]:
+    def build(plan: StepPlan) -> MABNLaunchConstants:
+        kernels = kernel_module("mabn_kernels")
+        reduction = plan.reduction
+        blocks = dict(plan.reduction_blocks, USE_BATCH_STATISTICS=use_batch_statistics,
+                      BLOCK_RING=ring_block(buffer_size, reduction.block_c))
+        return MABNLaunchConstants(
+            (kernels.STATS_ROWS + reduction.num_splits, plan.channels),
+            (kernels.GRADS_ROWS + 2 * reduction.num_splits, plan.channels),
+            dict(blocks, RENORMALIZE=renormalize), blocks,
+        )
+    return build
+
+
 class TritonMABNFunction(torch.autograd.Function):
     """One MABN training step on Triton kernels. Updates the layer state in place.
 
-    Host work per step is kept to what the step needs: the launch geometry comes from a cached
-    `StepPlan`, each direction allocates one workspace (results, then partial sums) and passes it
-    whole, and the backward reads the forward's workspace (a few [C] rows plus its partial sums,
-    saved instead of a view of it); the weight and bias gradients are tensors of their own.
+    Host work per step is kept to what the step needs: launch sizes and constants come ready-made
+    from the cached `StepPlan` (looked up once, in the forward), each direction allocates one
+    workspace (results, then partial sums) and passes it whole, and the backward reads the
+    forward's workspace (a few [C] rows plus its partial sums, saved instead of a view of it); the
+    weight and bias gradients are tensors of their own.
     """
 
     @staticmethod
@@ -55,52 +80,53 @@ class TritonMABNFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         if x.numel() == 0:
             raise ValueError("TritonMABNFunction needs a non-empty batch (MABN2d answers an empty one in eval form)")
-        kernels = kernel_module("mabn_kernels")
         plan = step_plan(x)
-        reduction = plan.reduction
-        with launch_guard(x.device):
-            stats = torch.empty((kernels.STATS_ROWS + reduction.num_splits, plan.channels), dtype=running_var.dtype,
-                                device=x.device)
-            buffer_size = x2_buffer.shape[0]
-            launch_reduction(kernels.forward_statistics_kernel, reduction.grid, x.device, "MABN2d forward",
-                x, weight, running_var, x2_buffer, stats, arrival_counters(x.device, reduction.channel_blocks),
-                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits, phase.slot, buffer_size,
-                ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip,
-                CHANNELS_LAST=plan.channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-                RENORMALIZE=phase.renormalize, BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c,
-                BLOCK_S=reduction.block_s, BLOCK_RING=ring_block(buffer_size, reduction.block_c),
+        buffer_size = x2_buffer.shape[0]
+        key = ("MABN", buffer_size, phase.use_batch_statistics, phase.renormalize)
+        constants: MABNLaunchConstants = plan.launch_constants.get(key) or plan.layer_constants(
+            key, _launch_constants(buffer_size, phase.use_batch_statistics, phase.renormalize))
+        device = x.device
+        with launch_guard(device):
+            stats = running_var.new_empty(constants.stats_shape)
+            launch_reduction(kernel_module("mabn_kernels").forward_statistics_kernel, plan.reduction.grid, device,
+                "MABN2d forward", (x, weight, running_var, x2_buffer, stats,
+                arrival_counters(device, plan.reduction.channel_blocks), *plan.reduction_sizes, phase.slot,
+                buffer_size, ema_decay, 1.0 - ema_decay, eps, 1.0 / renorm_clip, renorm_clip),
+                constants.forward_blocks,
             )
             # alpha is the workspace's row 0 (STATS_ALPHA): the workspace is the scale
-            y = launch_channel_affine(x, stats, bias, channels_last=plan.channels_last, plan=plan.affine)
+            y = launch_channel_affine(plan, x, stats, bias)
         ctx.save_for_backward(x, weight, stats)
-        ctx.backward_args = (gz_buffer, phase, eps)
+        ctx.backward_args = (gz_buffer, phase.slot, eps, plan, constants)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        kernels = kernel_module("mabn_kernels")
-        x, weight, stats = ctx.saved_tensors
-        gz_buffer, phase, eps = ctx.backward_args
-        grad_out = matching_layout(grad_out, x)
-        plan = step_plan(x)
-        reduction = plan.reduction
-        with launch_guard(x.device):
-            workspace = torch.empty((kernels.GRADS_ROWS + 2 * reduction.num_splits, plan.channels),
-                                    dtype=stats.dtype, device=x.device)
-            grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
-            buffer_size = gz_buffer.shape[0]
-            launch_reduction(kernels.backward_statistics_kernel, reduction.grid, x.device, "MABN2d backward",
-                grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
-                arrival_counters(x.device, reduction.channel_blocks),
-                plan.channels, plan.hw, plan.count, reduction.num_tiles, reduction.num_splits, phase.slot, buffer_size,
-                eps, CHANNELS_LAST=plan.channels_last, USE_BATCH_STATISTICS=phase.use_batch_statistics,
-                BLOCK_R=reduction.block_r, BLOCK_C=reduction.block_c, BLOCK_S=reduction.block_s,
-                BLOCK_RING=ring_block(buffer_size, reduction.block_c),
-            )
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                # STATS_ALPHA and GRADS_X_COEF are row 0 of their workspaces: both pass whole
-                grad_x = launch_channel_affine(grad_out, stats, None, b=x, scale_b=workspace,
-                                               channels_last=plan.channels_last, plan=plan.affine)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable once, as the public path
+            return _backward_once_differentiable(ctx, grad_out)
+        return _backward(ctx, grad_out)
+
+
+def _backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """TritonMABNFunction's backward. It records no graph (kernels write into fresh tensors), so
+    without create_graph it needs none of once_differentiable's no_grad wrapping per step."""
+    x, weight, stats = ctx.saved_tensors
+    gz_buffer, slot, eps, plan, constants = ctx.backward_args
+    grad_out = matching_layout(grad_out, x)
+    device = x.device
+    with launch_guard(device):
+        workspace = stats.new_empty(constants.grads_shape)
+        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+        launch_reduction(kernel_module("mabn_kernels").backward_statistics_kernel, plan.reduction.grid, device,
+            "MABN2d backward", (grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
+            arrival_counters(device, plan.reduction.channel_blocks), *plan.reduction_sizes, slot,
+            gz_buffer.shape[0], eps), constants.backward_blocks,
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # STATS_ALPHA and GRADS_X_COEF are row 0 of their workspaces: both pass whole
+            grad_x = launch_channel_affine(plan, grad_out, stats, None, b=x, scale_b=workspace)
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+_backward_once_differentiable = once_differentiable(_backward)
