@@ -118,7 +118,8 @@ class MABN2d(MovingAverageNorm):
                            keeps the state a superset of BatchNorm2d's, so it loads as
                            FrozenBatchNorm2d. Loading a non-zero one is refused (see below).
       running_var          EMA of the normalizing statistic (decay `ema_decay`)
-      num_batches_tracked  training forwards so far; drives the warm-up phases
+      num_batches_tracked  training forwards so far; drives the warm-up phases (a host count,
+                           written to the buffer when read or saved; set it with load_state_dict)
       x2_buffer, gz_buffer ring buffers [buffer_size, C] of chi2_B and Psi_B
 
     A state_dict whose running_mean is not zero (a BatchNorm checkpoint) is refused with an

@@ -160,6 +160,23 @@ def test_checkpoint_restores_the_host_counter_and_state_exactly():
         torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_the_counter_buffer_is_written_when_read_not_per_step():
+    layer = MABN2d(3, buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    stored = layer._buffers["num_batches_tracked"]
+    for _ in range(5):
+        layer(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+    assert int(stored) == 0, "a training step wrote the counter buffer"
+    assert int(layer.state_dict()["num_batches_tracked"]) == 5  # saving mirrors the host count
+    assert int(stored) == 5
+    layer(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+    assert int(layer.num_batches_tracked) == 6 == layer.iteration  # so does reading it
+    assert layer.num_batches_tracked is stored  # the buffer itself, not a copy
+    copied = copy.deepcopy(layer)
+    assert int(copied.num_batches_tracked) == 6
+    layer.reset_running_stats()
+    assert layer.iteration == 0 and int(stored) == 0
+
+
 def test_empty_batch_keeps_state_and_backward_works():
     layer = MABN2d(3)
     layer(torch.randn(2, 3, 4, 4)).sum().backward()

@@ -168,6 +168,35 @@ def test_several_forwards_before_one_backward_match_the_public_path():
         assert_close(buffers_a[name], buffers_b[name], FLOAT32, name)
 
 
+def test_backwards_of_different_geometries_share_one_scratch_and_match_the_public_path(monkeypatch):
+    """The backward works in a per-stream scratch that grows to the largest geometry seen: a
+    small layer after a large one (a stale tail) and a large one after a small one (growth)."""
+    monkeypatch.setattr(triton_launch, "TUNING", SMALL_TILES)  # many partial-sum rows per backward
+    monkeypatch.setattr(triton_launch, "_scratch", {})
+    shapes = [(3, (2, 6, 6)), (2, (1, 2, 3)), (4, (2, 5, 9)), (2, (1, 2, 3))]  # (channels, (n, h, w))
+    states = {fn: [LayerState.fresh(c) for c, _ in shapes] for fn in (TritonMABNFunction, MABNFunction)}
+    sizes = []
+    for t in range(1, 5):
+        results = {}
+        for function, layer_states in states.items():
+            results[function] = [
+                layer_state.step(function, *batch(t, c, shape=shape, seed=i))
+                for i, (layer_state, (c, shape)) in enumerate(zip(layer_states, shapes))
+            ]
+            sizes.append([s.numel() for s in triton_launch._scratch.values()])
+        for i, (got, want) in enumerate(zip(*results.values())):
+            for name, a, b in zip(("y", "dx", "dweight", "dbias"), got, want):
+                assert_close(a, b, FLOAT32, f"layer {i} {name} at iteration {t}")
+    assert all(len(s) == 1 for s in sizes), "one scratch per (device, thread or stream, dtype)"
+    assert sizes[0][0] >= max(plan_rows * c for c, plan_rows in _backward_rows(shapes))
+
+
+def _backward_rows(shapes):
+    for c, (n, h, w) in shapes:
+        plan = reduction_plan(n, c, h * w, False, 1, SMALL_TILES)
+        yield c, 1 + 2 * plan.num_splits
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, for inf * 0
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import threading
 from types import ModuleType
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -17,7 +18,7 @@ __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
     "launch_channel_affine", "matching_layout", "launch_guard", "launch_reduction",
-    "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR", "StepPlan", "step_plan",
+    "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR", "StepPlan", "step_plan", "stream_scratch",
 ]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -234,6 +235,28 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
         counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
         _counters[(device, stream)] = counters
     return counters
+
+
+_scratch: Dict[Tuple, torch.Tensor] = {}
+
+
+def stream_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat workspace of at least `numel` elements, reused by every backward on this stream.
+
+    Reuse is safe in stream order: launches on one stream run one after the other, and autograd
+    runs a CUDA device's backward nodes on one thread, so a backward's reduction and the launch
+    that reads its result are never interleaved with another backward's on the same stream (on
+    the CPU, under the interpreter, the set is per thread). It saves an allocation per backward.
+    """
+    if device == _CPU or device.type != "cuda":
+        key = (device, threading.get_ident(), dtype)
+    else:
+        key = (device, torch.cuda.current_stream(device).cuda_stream, dtype)
+    scratch = _scratch.get(key)
+    if scratch is None or scratch.numel() < numel:
+        scratch = torch.empty(numel, dtype=dtype, device=device)
+        _scratch[key] = scratch
+    return scratch
 
 
 COUNTER_CHECK_ENV_VAR = "MABN_D2_CHECK_COUNTERS"

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from ..base import MABNPhase
 from .launch import (
     StepPlan, arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
-    ring_block, step_plan, unsupported_input_reason,
+    ring_block, step_plan, stream_scratch, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -34,7 +34,7 @@ class MABNLaunchConstants(NamedTuple):
     """What MABN's launches need beyond the StepPlan, per (geometry, ring size, phase flags)."""
 
     stats_shape: Tuple[int, int]  # the forward's workspace
-    grads_shape: Tuple[int, int]  # the backward's workspace
+    grads_numel: int  # the backward's workspace, [GRADS_ROWS + 2 * splits, C] read from a stream scratch
     forward_blocks: Dict[str, object]  # the forward reduction's constexprs
     backward_blocks: Dict[str, object]
 
@@ -48,7 +48,7 @@ def _launch_constants(buffer_size: int, use_batch_statistics: bool, renormalize:
                       BLOCK_RING=ring_block(buffer_size, reduction.block_c))
         return MABNLaunchConstants(
             (kernels.STATS_ROWS + reduction.num_splits, plan.channels),
-            (kernels.GRADS_ROWS + 2 * reduction.num_splits, plan.channels),
+            (kernels.GRADS_ROWS + 2 * reduction.num_splits) * plan.channels,
             dict(blocks, RENORMALIZE=renormalize), blocks,
         )
     return build
@@ -58,10 +58,10 @@ class TritonMABNFunction(torch.autograd.Function):
     """One MABN training step on Triton kernels. Updates the layer state in place.
 
     Host work per step is kept to what the step needs: launch sizes and constants come ready-made
-    from the cached `StepPlan` (looked up once, in the forward), each direction allocates one
-    workspace (results, then partial sums) and passes it whole, and the backward reads the
-    forward's workspace (a few [C] rows plus its partial sums, saved instead of a view of it); the
-    weight and bias gradients are tensors of their own.
+    from the cached `StepPlan` (looked up once, in the forward); the forward allocates one
+    workspace (results, then partial sums) and passes it whole, the backward reads it (a few [C]
+    rows plus its partial sums, saved instead of a view of it) and works in its stream's reused
+    scratch; the weight and bias gradients are tensors of their own.
     """
 
     @staticmethod
@@ -115,7 +115,7 @@ def _backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]
     grad_out = matching_layout(grad_out, x)
     device = x.device
     with launch_guard(device):
-        workspace = stats.new_empty(constants.grads_shape)
+        workspace = stream_scratch(device, stats.dtype, constants.grads_numel)
         grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
         launch_reduction(kernel_module("mabn_kernels").backward_statistics_kernel, plan.reduction.grid, device,
             "MABN2d backward", (grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
