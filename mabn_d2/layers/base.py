@@ -170,13 +170,11 @@ class MovingAverageNorm(HostIterationCounter):
         return mabn_phase(self._advance_iteration(), self.buffer_size, self.warmup_iters, self.renorm_warmup_iters)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
         if x.dim() != 4:
-            raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}) got an input with {x.shape[1]} channels, shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels, "
+                             f"shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
         return (

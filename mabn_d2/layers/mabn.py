@@ -151,9 +151,11 @@ class MABN2d(MovingAverageNorm):
         buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
         running_var = buffers["running_var"]
         state = (*self._affine(), running_var, buffers["x2_buffer"], buffers["gz_buffer"])
+        decisions = self.__dict__.get("_backend_decisions")
+        if decisions is None:
+            decisions = self.__dict__["_backend_decisions"] = {}
         triton = use_triton(x, lambda: triton_mabn_unsupported_reason(x, *state), "MABN2d",
-                            _first_use_check, running_var.dtype,
-                            self.__dict__.setdefault("_backend_decisions", {}))
+                            _first_use_check, running_var.dtype, decisions)
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
             x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
