@@ -168,6 +168,27 @@ def test_several_forwards_before_one_backward_match_the_public_path():
         assert_close(buffers_a[name], buffers_b[name], FLOAT32, name)
 
 
+def test_create_graph_gives_the_same_gradients_and_refuses_a_second_order():
+    """The backward skips once_differentiable's wrapping per step, but not under create_graph."""
+    x, dy = batch(3, 3)
+    dy.requires_grad_(True)  # an upstream gradient that is itself differentiable
+    results = []
+    for create_graph in (False, True):
+        state = LayerState.fresh(3)
+        for t in range(1, 4):  # into the moving-average phase
+            state.iteration += 1
+            phase = mabn_phase(state.iteration, **PHASES)
+            inputs = x.detach().requires_grad_(True)
+            y = TritonMABNFunction.apply(inputs, state.weight, state.bias, state.running_var, state.x2_buffer,
+                                         state.gz_buffer, phase, *HPARAMS.values())
+            grads = torch.autograd.grad(y, (inputs, state.weight, state.bias), dy, create_graph=create_graph)
+        results.append(grads)
+    for a, b in zip(*results):
+        assert_close(b.detach(), a, FLOAT64 | dict(rtol=0, atol=0), "gradient with create_graph")
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        results[1][0].sum().backward()
+
+
 def test_backwards_of_different_geometries_share_one_scratch_and_match_the_public_path(monkeypatch):
     """The backward works in a per-stream scratch that grows to the largest geometry seen: a
     small layer after a large one (a stale tail) and a large one after a small one (growth)."""

@@ -7,11 +7,10 @@ channel keeps both). r_max and d_max come from the host schedule; nothing is rea
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .launch import (
-    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout, step_plan,
-    unsupported_input_reason,
+    arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
+    once_differentiable_when_graphed, step_plan, unsupported_input_reason,
 )
 
 __all__ = ["TritonBatchRenormFunction", "triton_brn_unsupported_reason"]
@@ -62,7 +61,7 @@ class TritonBatchRenormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_when_graphed
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         kernels = kernel_module("batch_renorm_kernels")
         x, stats = ctx.saved_tensors

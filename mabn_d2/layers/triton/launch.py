@@ -13,16 +13,24 @@ from types import ModuleType
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "LaunchTuning", "TUNING", "ReductionPlan", "ElementwisePlan", "reduction_plan", "elementwise_plan", "ring_block",
     "sm_count", "arrival_counters", "kernel_module", "is_channels_last", "unsupported_input_reason",
     "launch_channel_affine", "matching_layout", "launch_guard", "launch_reduction",
     "counters_left_set", "set_counter_check", "COUNTER_CHECK_ENV_VAR", "StepPlan", "step_plan", "stream_scratch",
+    "once_differentiable_when_graphed",
 ]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(device: torch.device) -> bool:
+    """device.type == "cuda", without building the type's string (per launch) for the CPU."""
+    return device != _CPU and device.type == "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +149,12 @@ def launch_guard(device: torch.device) -> contextlib.AbstractContextManager:
     tensors' device; under this guard both are the ones PyTorch uses for the layer's tensors
     (a model on cuda:1 while cuda:0 is current computes on cuda:1).
     """
-    if device == _CPU or device.type != "cuda" \
-            or (torch.cuda.is_initialized() and device.index == torch.cuda.current_device()):
+    if not _is_cuda(device) or (torch.cuda.is_initialized() and device.index == torch.cuda.current_device()):
         return _NO_GUARD
     return torch.cuda.device(device)
 
 
 _NO_GUARD = contextlib.nullcontext()
-# Compared first in the per-launch checks: `device.type` builds a new string on every read.
-_CPU = torch.device("cpu")
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -160,7 +165,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
 class StepPlan:
     """Everything a training step's launches need that follows from the input's geometry alone.
 
-    Built once per (shape, strides, device) and reused, so a step spends no Python on plans: the
+    Built once per (shape, strides, device) and tuning, and reused, so a step spends no Python on plans: the
     size arguments and block constants of both launch kinds are ready-made tuples and dicts, and
     `launch_constants` holds what each layer type derives from the plan (see `layer_constants`).
     """
@@ -204,10 +209,15 @@ class StepPlan:
 
 
 _step_plans: Dict[Tuple, StepPlan] = {}
+_plans_tuning = TUNING  # the tuning the cached plans were built with
 
 
 def step_plan(x: torch.Tensor) -> StepPlan:
     """The cached StepPlan of a 4-D activation (a dict lookup once the geometry has been seen)."""
+    global _plans_tuning
+    if _plans_tuning is not TUNING:  # the tuning was replaced (tests): plans built with the old one are stale
+        _step_plans.clear()
+        _plans_tuning = TUNING
     key = (x.shape, x.stride(), x.device)
     plan = _step_plans.get(key)
     if plan is None:
@@ -229,7 +239,7 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
 
     One set per (device, stream): launches on one stream run in order, so they never overlap.
     """
-    stream = 0 if device == _CPU or device.type != "cuda" else torch.cuda.current_stream(device).cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream if _is_cuda(device) else 0
     counters = _counters.get((device, stream))
     if counters is None or counters.numel() < size:
         counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
@@ -248,10 +258,10 @@ def stream_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torc
     that reads its result are never interleaved with another backward's on the same stream (on
     the CPU, under the interpreter, the set is per thread). It saves an allocation per backward.
     """
-    if device == _CPU or device.type != "cuda":
-        key = (device, threading.get_ident(), dtype)
-    else:
+    if _is_cuda(device):
         key = (device, torch.cuda.current_stream(device).cuda_stream, dtype)
+    else:
+        key = (device, threading.get_ident(), dtype)
     scratch = _scratch.get(key)
     if scratch is None or scratch.numel() < numel:
         scratch = torch.empty(numel, dtype=dtype, device=device)
@@ -349,6 +359,24 @@ def launch_channel_affine(
         **plan.affine_blocks[b is not None, shift is not None],
     )
     return out
+
+
+def once_differentiable_when_graphed(backward: Callable) -> Callable:
+    """A backward made once-differentiable only where it matters: under create_graph=True.
+
+    The Triton backwards record no graph (kernels write into fresh tensors); without
+    create_graph, autograd already runs them with grad mode off, so they skip
+    `once_differentiable`'s no_grad wrapping on every step. With it, they are differentiable
+    once, as the public-operation path.
+    """
+    wrapped = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def dispatch(ctx, *grads):
+        if torch.is_grad_enabled():
+            return wrapped(ctx, *grads)
+        return backward(ctx, *grads)
+    return dispatch
 
 
 def matching_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

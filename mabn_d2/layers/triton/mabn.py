@@ -9,12 +9,11 @@ read back from the device, and only x (plus [4, C] per-channel numbers) is saved
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..base import MABNPhase
 from .launch import (
     StepPlan, arrival_counters, kernel_module, launch_channel_affine, launch_guard, launch_reduction, matching_layout,
-    ring_block, step_plan, stream_scratch, unsupported_input_reason,
+    once_differentiable_when_graphed, ring_block, step_plan, stream_scratch, unsupported_input_reason,
 )
 
 __all__ = ["TritonMABNFunction", "triton_mabn_unsupported_reason"]
@@ -101,32 +100,22 @@ class TritonMABNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_when_graphed
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        if torch.is_grad_enabled():  # create_graph=True: differentiable once, as the public path
-            return _backward_once_differentiable(ctx, grad_out)
-        return _backward(ctx, grad_out)
-
-
-def _backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-    """TritonMABNFunction's backward. It records no graph (kernels write into fresh tensors), so
-    without create_graph it needs none of once_differentiable's no_grad wrapping per step."""
-    x, weight, stats = ctx.saved_tensors
-    gz_buffer, slot, eps, plan, constants = ctx.backward_args
-    grad_out = matching_layout(grad_out, x)
-    device = x.device
-    with launch_guard(device):
-        workspace = stream_scratch(device, stats.dtype, constants.grads_numel)
-        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
-        launch_reduction(kernel_module("mabn_kernels").backward_statistics_kernel, plan.reduction.grid, device,
-            "MABN2d backward", (grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
-            arrival_counters(device, plan.reduction.channel_blocks), *plan.reduction_sizes, slot,
-            gz_buffer.shape[0], eps), constants.backward_blocks,
-        )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # STATS_ALPHA and GRADS_X_COEF are row 0 of their workspaces: both pass whole
-            grad_x = launch_channel_affine(plan, grad_out, stats, None, b=x, scale_b=workspace)
-    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-_backward_once_differentiable = once_differentiable(_backward)
+        x, weight, stats = ctx.saved_tensors
+        gz_buffer, slot, eps, plan, constants = ctx.backward_args
+        grad_out = matching_layout(grad_out, x)
+        device = x.device
+        with launch_guard(device):
+            workspace = stream_scratch(device, stats.dtype, constants.grads_numel)
+            grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+            launch_reduction(kernel_module("mabn_kernels").backward_statistics_kernel, plan.reduction.grid, device,
+                "MABN2d backward", (grad_out, x, weight, stats, gz_buffer, workspace, grad_weight, grad_bias,
+                arrival_counters(device, plan.reduction.channel_blocks), *plan.reduction_sizes, slot,
+                gz_buffer.shape[0], eps), constants.backward_blocks,
+            )
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                # STATS_ALPHA and GRADS_X_COEF are row 0 of their workspaces: both pass whole
+                grad_x = launch_channel_affine(plan, grad_out, stats, None, b=x, scale_b=workspace)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
