@@ -167,10 +167,7 @@ class MovingAverageNorm(HostIterationCounter):
 
     def _next_phase(self) -> MABNPhase:
         """Advance the counter and decide this training iteration's phase, on the host."""
-        attributes = self.__dict__  # _advance_iteration, inlined: one call fewer per step
-        iteration = attributes["_iteration"] = attributes["_iteration"] + 1
-        return mabn_phase(iteration, attributes["buffer_size"], attributes["warmup_iters"],
-                          attributes["renorm_warmup_iters"])
+        return mabn_phase(self._advance_iteration(), self.buffer_size, self.warmup_iters, self.renorm_warmup_iters)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:

@@ -167,7 +167,7 @@ class StepPlan:
 
     Built once per (shape, strides, device) and tuning, and reused, so a step spends no Python on plans: the
     size arguments and block constants of both launch kinds are ready-made tuples and dicts, and
-    `launch_constants` holds what each layer type derives from the plan (see `layer_constants`).
+    `launch_constants` caches what each layer type derives from the plan (its own keys).
     """
 
     reduction: ReductionPlan
@@ -199,13 +199,6 @@ class StepPlan:
         )
         for name, value in derived.items():
             object.__setattr__(self, name, value)
-
-    def layer_constants(self, key: Tuple, build: Callable[["StepPlan"], object]) -> object:
-        """`build(self)`, computed once per key (a layer type's launch constants for this geometry)."""
-        constants = self.launch_constants.get(key)
-        if constants is None:
-            constants = self.launch_constants[key] = build(self)
-        return constants
 
 
 _step_plans: Dict[Tuple, StepPlan] = {}

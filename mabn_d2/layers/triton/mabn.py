@@ -6,7 +6,7 @@ normalizing pass; the backward is one reduction whose epilogue updates the Psi r
 then one pass for dx. Phase and hyper-parameters come from the host (`MABNPhase`), nothing is
 read back from the device, and only x (plus [4, C] per-channel numbers) is saved for backward.
 """
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -38,19 +38,17 @@ class MABNLaunchConstants(NamedTuple):
     backward_blocks: Dict[str, object]
 
 
-def _launch_constants(buffer_size: int, use_batch_statistics: bool, renormalize: bool
-                      ) -> Callable[[StepPlan], MABNLaunchConstants]:
-    def build(plan: StepPlan) -> MABNLaunchConstants:
-        kernels = kernel_module("mabn_kernels")
-        reduction = plan.reduction
-        blocks = dict(plan.reduction_blocks, USE_BATCH_STATISTICS=use_batch_statistics,
-                      BLOCK_RING=ring_block(buffer_size, reduction.block_c))
-        return MABNLaunchConstants(
-            (kernels.STATS_ROWS + reduction.num_splits, plan.channels),
-            (kernels.GRADS_ROWS + 2 * reduction.num_splits) * plan.channels,
-            dict(blocks, RENORMALIZE=renormalize), blocks,
-        )
-    return build
+def _launch_constants(plan: StepPlan, buffer_size: int, use_batch_statistics: bool, renormalize: bool
+                      ) -> MABNLaunchConstants:
+    kernels = kernel_module("mabn_kernels")
+    reduction = plan.reduction
+    blocks = dict(plan.reduction_blocks, USE_BATCH_STATISTICS=use_batch_statistics,
+                  BLOCK_RING=ring_block(buffer_size, reduction.block_c))
+    return MABNLaunchConstants(
+        (kernels.STATS_ROWS + reduction.num_splits, plan.channels),
+        (kernels.GRADS_ROWS + 2 * reduction.num_splits) * plan.channels,
+        dict(blocks, RENORMALIZE=renormalize), blocks,
+    )
 
 
 class TritonMABNFunction(torch.autograd.Function):
@@ -82,8 +80,10 @@ class TritonMABNFunction(torch.autograd.Function):
         plan = step_plan(x)
         buffer_size = x2_buffer.shape[0]
         key = ("MABN", buffer_size, phase.use_batch_statistics, phase.renormalize)
-        constants: MABNLaunchConstants = plan.launch_constants.get(key) or plan.layer_constants(
-            key, _launch_constants(buffer_size, phase.use_batch_statistics, phase.renormalize))
+        constants: MABNLaunchConstants = plan.launch_constants.get(key)
+        if constants is None:
+            constants = plan.launch_constants[key] = _launch_constants(
+                plan, buffer_size, phase.use_batch_statistics, phase.renormalize)
         device = x.device
         with launch_guard(device):
             stats = running_var.new_empty(constants.stats_shape)
