@@ -22,7 +22,6 @@ __all__ = [
     "brn_kwargs_from_cfg",
     "resolve_mabn_warmups",
     "long_renorm_warmup_message",
-    "warmup_order_message",
 ]
 
 # Share of SOLVER.MAX_ITER above which the re-normalization warm-up is reported as too long:
@@ -196,53 +195,9 @@ def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
         f"MABN re-normalization starts after iteration {start}, {100.0 * min(start, max_iter) / max_iter:.0f}% of "
         f"SOLVER.MAX_ITER={max_iter} (more than {100 * LONG_RENORM_WARMUP_SHARE:.0f}%): until then training "
         "normalizes with batch statistics or short moving averages and evaluation with running_var, a slower EMA. "
-        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION size the warm-ups to the schedule, but "
-        "shorter is not always better: moving averages that start while the learning rate still warms up trained "
-        "worse on a short schedule (docs/algorithm.md, 'Sizing the warm-ups to the schedule')."
+        "MODEL.MABN.WARMUP_FRACTION and MODEL.MABN.RENORM_WARMUP_FRACTION size the warm-ups to the schedule "
+        "(docs/algorithm.md, 'Sizing the warm-ups to the schedule')."
     )
-
-
-# Re-normalization compares chi2 with running_var; an EMA of decay d needs about 5 / (1 - d)
-# updates (0.98: 250) to forget where it started, so r before that measures the EMA's lag.
-EMA_SETTLE_TIME_CONSTANTS = 5.0
-
-
-def _warmup_key(values: Dict[str, Any], iters_key: str) -> str:
-    fraction_key = next(f for f, i in _MABN_FRACTION_KEYS.items() if i == iters_key)
-    if values[fraction_key.lower()] != -1:
-        return f"MODEL.MABN.{fraction_key}"
-    return f"MODEL.MABN.{iters_key}"
-
-
-def warmup_order_message(cfg: CN) -> Optional[str]:
-    """One warning text when MABN's warm-ups are ordered against the evidence, else None.
-
-    - Moving averages that start before the LR warm-up ends average statistics of weights that
-      still move fast (the demo's 2% / 10% row collapsed that way).
-    - Re-normalization that starts less than about 5 / (1 - EMA_DECAY) iterations after the
-      moving averages divides by a running_var that still carries its start.
-    """
-    values = _kwargs_from_section(cfg, "MABN")
-    warmup, renorm_warmup = _resolve_warmups(cfg, values)
-    renorm_start = max(warmup, renorm_warmup)
-    lr_warmup = int(cfg.SOLVER.WARMUP_ITERS) if "SOLVER" in cfg and "WARMUP_ITERS" in cfg.SOLVER else 0
-    max_iter = _max_iter(cfg)
-    problems = []
-    if warmup < lr_warmup:
-        problems.append(
-            f"the batch-statistics warm-up ({_warmup_key(values, 'WARMUP_ITERS')}, iteration {warmup}) ends before "
-            f"the learning-rate warm-up (SOLVER.WARMUP_ITERS={lr_warmup})")
-    settle = EMA_SETTLE_TIME_CONSTANTS / (1.0 - float(values["ema_decay"]))
-    if renorm_start - warmup < settle and (max_iter is None or renorm_start < max_iter):
-        problems.append(
-            f"re-normalization ({_warmup_key(values, 'RENORM_WARMUP_ITERS')}, iteration {renorm_start}) starts "
-            f"{renorm_start - warmup} iterations after the moving averages ({_warmup_key(values, 'WARMUP_ITERS')}, "
-            f"iteration {warmup}), less than 5 / (1 - MODEL.MABN.EMA_DECAY) = {settle:.0f}")
-    if not problems:
-        return None
-    return ("MABN warm-ups out of order: " + "; and ".join(problems)
-            + ". Moving averages then start on fast-moving weights or re-normalize by a running_var that has "
-            "not settled; the paper's 100 / 1000 iterations satisfy both (docs/algorithm.md).")
 
 
 def brn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:

@@ -11,7 +11,6 @@ from mabn_d2.config import (
     mabn_kwargs_from_cfg,
     resolve_mabn_warmups,
     validate_mabn_config,
-    warmup_order_message,
 )
 
 MABN_KEYS = ["BUFFER_SIZE", "EMA_DECAY", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "WARMUP_FRACTION",
@@ -184,49 +183,6 @@ def test_warmup_iters_beyond_renorm_warmup_count_for_the_warning():
     cfg.SOLVER.MAX_ITER = 900
     cfg.MODEL.MABN.update(WARMUP_ITERS=500, RENORM_WARMUP_ITERS=10)  # r starts after max(500, 10)
     assert "iteration 500" in long_renorm_warmup_message(cfg)
-
-
-@pytest.mark.parametrize("max_iter, lr_warmup, warmup, renorm, problems", [
-    # the official detection solver (LR warm-up 500, MABN 100 / 1000) is out of order too: a warning, not an error
-    (180000, 500, 100, 1000, ["batch-statistics"]),
-    (90000, 50, 100, 1000, []),  # 900 iterations between the SMA and r: more than 5 / (1 - 0.98) = 250
-    (450, 50, 9, 45, ["batch-statistics", "re-normalization"]),  # the demo's 2% / 10% row: both
-    (9000, 50, 100, 300, ["re-normalization"]),  # 200 < 250
-    (9000, 50, 100, 350, []),  # 250 exactly is enough
-    (9000, 200, 100, 1000, ["batch-statistics"]),
-    (900, 50, 100, 200, []),  # r never starts within the schedule: nothing to settle for
-])
-def test_warmup_order_message(max_iter, lr_warmup, warmup, renorm, problems):
-    cfg = new_cfg()
-    cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS = max_iter, lr_warmup
-    if max_iter == 900:
-        renorm = 1000  # past max_iter
-    cfg.MODEL.MABN.update(WARMUP_ITERS=warmup, RENORM_WARMUP_ITERS=renorm)
-    message = warmup_order_message(cfg)
-    if not problems:
-        assert message is None, message
-        return
-    for problem in problems:
-        assert problem in message
-    if "batch-statistics" in problems:
-        assert "MODEL.MABN.WARMUP_ITERS" in message and f"SOLVER.WARMUP_ITERS={lr_warmup}" in message
-    if "re-normalization" in problems:
-        assert "MODEL.MABN.RENORM_WARMUP_ITERS" in message and "MODEL.MABN.EMA_DECAY" in message
-    assert len(problems) == 2 or ("; and " not in message)
-
-
-def test_warmup_order_message_names_the_fraction_keys_and_follows_ema_decay():
-    cfg = new_cfg()
-    cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS = 450, 50
-    cfg.MODEL.MABN.update(WARMUP_FRACTION=0.02, RENORM_WARMUP_FRACTION=0.1)
-    message = warmup_order_message(cfg)
-    assert "MODEL.MABN.WARMUP_FRACTION, iteration 9" in message
-    assert "MODEL.MABN.RENORM_WARMUP_FRACTION, iteration 45" in message
-    cfg.MODEL.MABN.update(WARMUP_FRACTION=0.2, EMA_DECAY=0.9)  # SMA at 90 after the LR, r 36 later < 50
-    cfg.MODEL.MABN.RENORM_WARMUP_FRACTION = 0.28
-    assert "= 50" in warmup_order_message(cfg)
-    cfg.MODEL.MABN.RENORM_WARMUP_FRACTION = 0.32  # 144: 54 after the SMA
-    assert warmup_order_message(cfg) is None
 
 
 @pytest.mark.parametrize("section, new_key, old_value, kwargs_of, argument", [

@@ -5,7 +5,9 @@ learning rate and schedule for every run, evaluated every EVAL_PERIOD iterations
 Two settings:
 - default: one process at 2 images per SGD step (the demo's), variants of `--list`;
 - `--virtual-gpus 8`: the paper's, each SGD step is 8 micro-batches of 2 images with gradients
-  accumulated (SGD batch 16, LR 0.02), arms SyncBN16, BN2, MABN_per_gpu, MABN_shared, GN.
+  accumulated (SGD batch 16, LR 0.02), arms SyncBN16, BN2, MABN_per_gpu and one-change MABN arms,
+  under the authors' solver scaled to --steps (`--recipe official`, the default) or the earlier
+  variant (`--recipe variant`).
 
 Resumable: finished runs are skipped, interrupted ones resume from their last checkpoint. Every
 finished run's metrics go into a small committed record, RECORDS_DIR/<variant>_seed<k>.json
@@ -14,8 +16,10 @@ rendered from those records, as `tools/make_results.py` does for docs/results.md
 
   python tools/detection_study.py --variants BN GN MABN_warmups_2_10 --seeds 0 1 2 --eval-period 150
   python tools/detection_study.py --report-only
-  python tools/detection_study.py --virtual-gpus 8 --variants SyncBN16 BN2 --seeds 0 1 --steps 120 \
-      --eval-period 60 --jitter 0.4 --output-dir output/paper_setting
+  python tools/detection_study.py --virtual-gpus 8 --variants SyncBN16 BN2 MABN_per_gpu --seeds 0 1 2 \
+      --steps 400 --eval-period 100
+  python tools/detection_study.py --virtual-gpus 8 --recipe variant --variants SyncBN16 BN2 --steps 240 \
+      --eval-period 60 --output-dir output/paper_setting_240 --records-dir results/paper_setting_240
 """
 import argparse
 import os
@@ -23,8 +27,8 @@ from typing import List, Optional
 
 from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.detection_report import detection_report, plot_records
-from mabn_d2.research.detection_study import VARIANTS, evaluation_curve, run_detection_study
-from mabn_d2.research.paper_setting import ARMS, run_study
+from mabn_d2.research.detection_study import VARIANTS, final_metrics, run_detection_study
+from mabn_d2.research.paper_setting import ARMS, DEFAULT_ARMS, RECIPES, run_study
 from mabn_d2.research.paper_setting_report import export_arm_record, paper_setting_table
 from mabn_d2.research.run_records import load_records, record_from_run, write_record
 
@@ -33,22 +37,23 @@ DEFAULT_LOSS_EDGES = (0, 50, 100, 200, 338, 450)
 
 
 def _paper_setting(args: argparse.Namespace) -> str:
-    arms = args.variants or list(ARMS)
+    arms = args.variants or list(DEFAULT_ARMS)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"--virtual-gpus: unknown arms {unknown}; choose from {sorted(ARMS)}")
-    records_dir = args.records_dir or os.path.join(REPO_ROOT, "results", "paper_setting")
-    output_dir = args.output_dir or "output/paper_setting"
+    default_folder = "paper_recipe" if args.recipe == "official" else "paper_setting"
+    records_dir = args.records_dir or os.path.join(REPO_ROOT, "results", default_folder)
+    output_dir = args.output_dir or os.path.join("output", default_folder)
     if not args.report_only:
         runs = run_study(output_dir, arms, args.seeds, steps=args.steps, eval_period=args.eval_period,
-                         jitter=args.jitter, jobs=args.jobs, virtual_gpus=args.virtual_gpus, opts=args.opts,
+                         recipe=args.recipe, jobs=args.jobs, virtual_gpus=args.virtual_gpus, opts=args.opts,
                          repo_root=REPO_ROOT)
-        setting = (f"{args.virtual_gpus} virtual GPUs x 2 images, SGD batch {2 * args.virtual_gpus}, LR 0.02, "
-                   f"{args.steps} steps, cosine, 192 px, brightness/contrast jitter {args.jitter}")
+        schedule = RECIPES[args.recipe](args.steps, args.eval_period)
         for arm, by_seed in runs.items():
             for seed, run_dir in by_seed.items():
-                if evaluation_curve(run_dir):
-                    write_record(records_dir, export_arm_record(run_dir, arm, seed, args.steps, setting))
+                if final_metrics(run_dir) is not None:
+                    write_record(records_dir, export_arm_record(run_dir, arm, seed, schedule, args.virtual_gpus,
+                                                                args.opts))
     report = paper_setting_table(load_records(records_dir))
     print(report)
     return report
@@ -93,9 +98,10 @@ def main(argv: Optional[List[str]] = None) -> str:
                         help="iterations bounding the training-loss windows kept in each record")
     parser.add_argument("--virtual-gpus", type=int, default=0,
                         help="the paper's setting: this many micro-batches of 2 images per SGD step")
-    parser.add_argument("--steps", type=int, default=120, help="SGD steps with --virtual-gpus")
-    parser.add_argument("--jitter", type=float, default=0.4,
-                        help="per-image brightness/contrast jitter with --virtual-gpus")
+    parser.add_argument("--steps", type=int, default=400, help="SGD steps with --virtual-gpus")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="official",
+                        help="with --virtual-gpus: the authors' solver scaled to --steps (official), or the earlier "
+                             "variant (cosine, clipping, jitter 0.4; records in results/paper_setting*)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time with --virtual-gpus (one thread each)")
     parser.add_argument("--list", action="store_true", help="print the variants and arms, and exit")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the committed records")

@@ -25,7 +25,7 @@ from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config, warmup_order_message
+from ..config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
 from ..layers import BatchRenorm2d, MABN2d
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
 from .evaluation import build_evaluator_for_dataset
@@ -62,10 +62,14 @@ class TrainingStreamState:
             restore_rng_state(state)
 
 
-def _reassign_norm_weight_decay(groups: List[Dict], model: torch.nn.Module, weight_decay_norm: float) -> List[Dict]:
-    """Give MABN/BRN parameters the norm weight decay that detectron2 gives BN's."""
+def _reassign_norm_weight_decay(groups: List[Dict], model: torch.nn.Module, weight_decay_norm: float,
+                                weight_decay_bias: Optional[float] = None) -> List[Dict]:
+    """Give MABN/BRN parameters the weight decay detectron2 gives BN's: SOLVER.WEIGHT_DECAY_NORM, except
+    that a "bias" keeps SOLVER.WEIGHT_DECAY_BIAS when that is set (detectron2 applies the bias override
+    after the norm one; its BIAS_LR_FACTOR already reached MABN's bias by name)."""
     norm_params = {
-        id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)
+        id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
+        for name, p in m.named_parameters(recurse=False) if not (name == "bias" and weight_decay_bias is not None)
     }
     result = []
     for group in groups:
@@ -106,9 +110,9 @@ class MABNTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
         self.checkpointer.add_checkpointable("training_stream", TrainingStreamState(self._stream_dataset))
         if any(isinstance(m, MABN2d) for m in self.model.modules()):
-            for message in (long_renorm_warmup_message(cfg), warmup_order_message(cfg)):
-                if message:
-                    logger.warning(message)
+            message = long_renorm_warmup_message(cfg)
+            if message:
+                logger.warning(message)
 
     @staticmethod
     def build_ddp_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -212,7 +216,8 @@ class MABNTrainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer = d2_build_optimizer(cfg, model)
-        groups = _reassign_norm_weight_decay(optimizer.param_groups, model, cfg.SOLVER.WEIGHT_DECAY_NORM)
+        groups = _reassign_norm_weight_decay(optimizer.param_groups, model, cfg.SOLVER.WEIGHT_DECAY_NORM,
+                                             cfg.SOLVER.WEIGHT_DECAY_BIAS)
         return type(optimizer)(groups, **optimizer.defaults)
 
     @classmethod

@@ -45,8 +45,8 @@ from ..layers import MABN2d
 from ..layers.base import HostIterationCounter
 from ..data.builtin import register_demo_datasets
 
-__all__ = ["Arm", "ARMS", "ReplicaNormStates", "MicroBatchTrainer", "VirtualGPUTrainer", "Chi2LagRecorder",
-           "arm_opts", "summarize_chi2_lag", "main"]
+__all__ = ["Arm", "ARMS", "DEFAULT_ARMS", "RECIPES", "Schedule", "official_schedule", "variant_schedule", "ReplicaNormStates",
+           "MicroBatchTrainer", "VirtualGPUTrainer", "Chi2Recorder", "summarize_chi2", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,41 +62,131 @@ CHI2_LAYERS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A training recipe scaled to `steps` SGD steps: the solver overrides and MABN's phase changes.
+
+    `sma_start` and `renorm_start` are in SGD steps (a layer iterates once per step per virtual
+    GPU, or 8 times per step when the micro-batches share one state).
+    """
+
+    recipe: str
+    steps: int
+    lr_warmup: int
+    sma_start: int
+    renorm_start: int
+    jitter: float
+    solver_opts: Tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"recipe {self.recipe}: {self.steps} steps, LR warm-up {self.lr_warmup}, MABN moving averages from step "
+                f"{self.sma_start}, re-normalization from step {self.renorm_start}, jitter {self.jitter}")
+
+
+def official_schedule(steps: int, eval_period: int, lr: float = 0.02, images_per_step: int = 16) -> Schedule:
+    """The authors' detection solver (megvii-model/MABN, det/: maskrcnn-benchmark's defaults and the
+    2x configs) scaled from 180k iterations to `steps` by these rules:
+
+    - LR warm-up linear from 1/3 over steps / 5 (500 iterations warm up the official schedule in
+      the time the MABN phases need; a fifth keeps the switch, renorm and decay order below);
+    - moving averages from a quarter of the LR warm-up, where the LR is half its peak (the
+      official switch at 100 of 500 warm-up iterations is at 0.47x);
+    - re-normalization from twice the LR warm-up (the official 1000 is twice 500);
+    - LR x 0.1 at 2/3 and 8/9 of the schedule (120k and 160k of 180k);
+    - bias LR x 2 with no weight decay, every other parameter (norm gamma included) weight
+      decay 1e-4, momentum 0.9, no gradient clipping, no photometric jitter.
+    """
+    lr_warmup = max(1, int(round(steps / 5)))
+    milestones = (int(round(steps * 2 / 3)), int(round(steps * 8 / 9)))
+    solver = ("SOLVER.IMS_PER_BATCH", str(images_per_step), "SOLVER.BASE_LR", str(lr),
+              "SOLVER.MAX_ITER", str(steps), "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR",
+              "SOLVER.STEPS", str(milestones), "SOLVER.GAMMA", "0.1",
+              "SOLVER.WARMUP_ITERS", str(lr_warmup), "SOLVER.WARMUP_FACTOR", repr(1.0 / 3),
+              "SOLVER.WARMUP_METHOD", "linear", "SOLVER.MOMENTUM", "0.9",
+              "SOLVER.WEIGHT_DECAY", "0.0001", "SOLVER.WEIGHT_DECAY_NORM", "0.0001",
+              "SOLVER.BIAS_LR_FACTOR", "2.0", "SOLVER.WEIGHT_DECAY_BIAS", "0.0",
+              "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+              "TEST.EVAL_PERIOD", str(eval_period), "SOLVER.CHECKPOINT_PERIOD", str(eval_period))
+    return Schedule("official", steps, lr_warmup, max(1, int(round(lr_warmup / 4))), 2 * lr_warmup, 0.0, solver)
+
+
+# The earlier study's variant of the recipe, kept to reproduce its records (results/paper_setting*).
+VARIANT_SMA_START = 30
+VARIANT_RENORM_START = 1000
+
+
+def variant_schedule(steps: int, eval_period: int, lr: float = 0.02, images_per_step: int = 16) -> Schedule:
+    """The earlier variant: linear warm-up over steps / 9 from the demo's 0.01, cosine decay, gradient
+    clipping at norm 10, no weight decay on norm gamma, bias LR x 1, moving averages from step 30,
+    re-normalization never within a few hundred steps, brightness/contrast jitter 0.4."""
+    warmup = max(1, steps // 9)
+    solver = ("SOLVER.IMS_PER_BATCH", str(images_per_step), "SOLVER.BASE_LR", str(lr), "SOLVER.MAX_ITER", str(steps),
+              "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(eval_period),
+              "SOLVER.CHECKPOINT_PERIOD", str(eval_period))
+    return Schedule("variant", steps, warmup, VARIANT_SMA_START, VARIANT_RENORM_START, 0.4, solver)
+
+
+RECIPES = {"official": official_schedule, "variant": variant_schedule}
+
+
+@dataclasses.dataclass(frozen=True)
 class Arm:
-    """One arm: a demo config, how micro-batches share norm state, and MABN overrides."""
+    """One arm: a demo config, how micro-batches share norm state, and at most one change to the recipe.
+
+    The one-change fields: `renorm=False` keeps re-normalization off; `sma_after_lr_warmup` moves
+    the switch to moving averages past the LR warm-up (5/4 of it); `jitter` replaces the recipe's.
+    """
 
     description: str
     config: str
     norm_state: str  # "sync" (one forward of the whole step), "per_gpu" or "shared"
-    opts: Tuple[str, ...] = ()
+    renorm: bool = True
+    sma_after_lr_warmup: bool = False
+    jitter: Optional[float] = None
 
+    def is_mabn(self) -> bool:
+        return "mabn" in os.path.basename(self.config)
 
-# MABN's moving averages start after SMA_WARMUP_STEPS SGD steps (past the LR warm-up of a short
-# schedule; the paper's 100 of 180k steps is earlier still). Re-normalization stays off within the
-# study's schedule: by the warm-up rule (5 / (1 - EMA_DECAY) = 250 iterations after the moving
-# averages start) it cannot start in a few hundred steps, so the study measures the moving
-# averages in the forward and backward pass, with r = 1.
-SMA_WARMUP_STEPS = 30
-RENORM_WARMUP_STEPS = 1000
+    def jitter_for(self, schedule: Schedule) -> float:
+        return schedule.jitter if self.jitter is None else self.jitter
 
+    def phase_steps(self, schedule: Schedule) -> Tuple[int, int]:
+        """(moving averages from, re-normalization from) in SGD steps; re-normalization past the end when off."""
+        sma = int(round(schedule.lr_warmup * 5 / 4)) if self.sma_after_lr_warmup else schedule.sma_start
+        renorm = schedule.renorm_start if self.renorm else 1_000_000
+        return sma, renorm
 
-def _mabn_warmups(layer_iterations_per_step: int) -> Tuple[str, ...]:
-    """The warm-ups in SGD steps, expressed in the layer's own iterations (8 per step when shared)."""
-    k = layer_iterations_per_step
-    return ("MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
-            "MODEL.MABN.WARMUP_ITERS", str(SMA_WARMUP_STEPS * k),
-            "MODEL.MABN.RENORM_WARMUP_ITERS", str(RENORM_WARMUP_STEPS * k))
+    def opts(self, schedule: Schedule) -> List[str]:
+        """The recipe's solver overrides plus MABN's warm-ups in the layers' own iterations."""
+        result = list(schedule.solver_opts)
+        if self.is_mabn():
+            per_step = 8 if self.norm_state == "shared" else 1
+            sma, renorm = self.phase_steps(schedule)
+            result += ["MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
+                       "MODEL.MABN.WARMUP_ITERS", str(sma * per_step),
+                       "MODEL.MABN.RENORM_WARMUP_ITERS", str(renorm * per_step)]
+        return result
 
 
 ARMS: Dict[str, Arm] = {
     "SyncBN16": Arm("BN over all 16 images of the step (SyncBN over 8 GPUs x 2)", _DEMO.format("bn"), "sync"),
     "BN2": Arm("BN over each micro-batch of 2, one state per virtual GPU", _DEMO.format("bn"), "per_gpu"),
-    "MABN_per_gpu": Arm("MABN, one state per virtual GPU (its buffer spans 16 steps)",
-                        _DEMO.format("mabn"), "per_gpu", _mabn_warmups(1)),
-    "MABN_shared": Arm("MABN, one state for all 8 micro-batches (its buffer spans 2 steps)",
-                       _DEMO.format("mabn"), "shared", _mabn_warmups(8)),
+    "MABN_per_gpu": Arm("MABN, one state per virtual GPU (its buffer spans 16 steps)", _DEMO.format("mabn"),
+                        "per_gpu"),
+    "MABN_shared": Arm("MABN, one state for all 8 micro-batches (its buffer spans 2 steps)", _DEMO.format("mabn"),
+                       "shared"),
     "GN": Arm("GroupNorm(32)", _DEMO.format("gn"), "shared"),
+    # One-change attribution arms of MABN_per_gpu.
+    "MABN_per_gpu_no_renorm": Arm("MABN per virtual GPU, re-normalization off", _DEMO.format("mabn"), "per_gpu",
+                                  renorm=False),
+    "MABN_per_gpu_late_switch": Arm("MABN per virtual GPU, moving averages from after the LR warm-up",
+                                    _DEMO.format("mabn"), "per_gpu", sma_after_lr_warmup=True),
+    "MABN_per_gpu_jitter": Arm("MABN per virtual GPU, brightness/contrast jitter 0.4", _DEMO.format("mabn"),
+                               "per_gpu", jitter=0.4),
 }
+# What `tools/detection_study.py --virtual-gpus 8` trains without --variants: the three arms of the
+# question, then the one-change attribution arms of MABN_per_gpu.
+DEFAULT_ARMS = ("SyncBN16", "BN2", "MABN_per_gpu", "MABN_per_gpu_no_renorm", "MABN_per_gpu_late_switch",
+                "MABN_per_gpu_jitter", "MABN_shared")
 
 
 class ReplicaNormStates:
@@ -143,48 +233,101 @@ class ReplicaNormStates:
             self._activate(0)
 
 
-class Chi2LagRecorder:
-    """log(chi2_B / SMA) of every MABN layer on virtual GPU 0's micro-batch, once its buffer is full.
+class Chi2Recorder:
+    """The batch statistic each norm layer divides by, against what it could divide by, per SGD step.
 
-    chi2_B is the batch's mean square per channel; SMA is the buffer's mean after the forward
-    wrote chi2_B into it (what the layer divides by once moving averages take over). Per step and
-    layer it keeps the median over channels of |log ratio| (scatter) and of the signed log ratio
-    (bias), written as one JSON line per step.
+    For every micro-batch k, each tracked layer's per-channel statistic of its input: chi2_B (mean
+    square) for MABN, the biased variance for BatchNorm. Per step, on virtual GPU 0's micro-batch,
+    one JSON line holds per layer the median over channels of |log ratio| and of the signed log
+    ratio for:
+
+    - "sma": chi2_B / SMA, where SMA is MABN's buffer mean after the forward wrote chi2_B into it
+      (what the layer divides by once moving averages are on), once the buffer is full;
+    - "step": chi2_B / chi2_step, where chi2_step is the mean of the 8 micro-batches' statistics,
+      the statistic pooled over the step's 16 images at the same weights: nothing in it is stale,
+      so it is the control for the first.
+
+    With one forward over the whole step (SyncBN16), a layer whose batch splits into 8 equal parts
+    (images in the backbone and FPN, 64 ROIs per image in the box head) gets the same "step" value
+    from its first 1/8 against the whole; other layers are skipped.
     """
 
-    def __init__(self, model: nn.Module, path: str):
+    def __init__(self, model: nn.Module, path: str, micro_batches: int):
         self.path = path
+        self.micro_batches = micro_batches
         self.active = False
+        self.micro = 0
         self.iteration = 0
-        self._rows: Dict[str, Tuple[float, float]] = {}
+        self._moments: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._variance: Dict[str, bool] = {}
+        self._sma: Dict[str, Tuple[float, float]] = {}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
-                         if isinstance(m, MABN2d)]
+                         if isinstance(m, (MABN2d, nn.BatchNorm2d))]
 
     def _hook(self, name: str):
-        def hook(module: MABN2d, inputs, output) -> None:
-            if not (self.active and module.training and module.iteration > module.buffer_size):
+        def hook(module: nn.Module, inputs, output) -> None:
+            if not (self.active and module.training):
                 return
             with torch.no_grad():
-                x = inputs[0].float()
-                chi2_b = x.pow(2).mean(dim=(0, 2, 3)).clamp_min(1e-20)
-                sma = module.x2_buffer.float().mean(dim=0).clamp_min(1e-20)
-                log_ratio = (chi2_b / sma).log()
-                self._rows[name] = (float(log_ratio.abs().median()), float(log_ratio.median()))
+                x = inputs[0].detach().float()
+                if x.dim() != 4 or x.shape[0] == 0:
+                    return
+                self._variance[name] = not isinstance(module, MABN2d)
+                if self.micro_batches > 1 and self._single_forward:
+                    if x.shape[0] % self.micro_batches:
+                        return
+                    parts = x.reshape(self.micro_batches, x.shape[0] // self.micro_batches, *x.shape[1:])
+                    means, squares = parts.mean(dim=(1, 3, 4)), parts.pow(2).mean(dim=(1, 3, 4))
+                    self._moments[name] = list(zip(means.unbind(0), squares.unbind(0)))
+                    return
+                mean, square = x.mean(dim=(0, 2, 3)), x.pow(2).mean(dim=(0, 2, 3))
+                self._moments.setdefault(name, []).append((mean, square))
+                if self.micro == 0 and isinstance(module, MABN2d) and module.iteration > module.buffer_size:
+                    sma = module.x2_buffer.float().mean(dim=0).clamp_min(1e-20)
+                    self._sma[name] = _medians((square.clamp_min(1e-20) / sma).log())
         return hook
 
+    _single_forward = False
+
+    def start_step(self, iteration: int, single_forward: bool) -> None:
+        self.iteration, self._single_forward, self.active = iteration, single_forward, True
+        self._moments, self._sma = {}, {}
+
     def flush(self) -> None:
-        """Append this step's row (if any layer reported) to the JSON-lines file."""
-        if self._rows:
+        """Append this step's row to the JSON-lines file (layers seen on every micro-batch only).
+
+        Pooled over equal micro-batches, the mean square is the mean of theirs, and the variance is
+        the mean square of all less the square of the mean of all.
+        """
+        self.active = False
+        step = {}
+        for name, moments in self._moments.items():
+            if len(moments) != self.micro_batches or any(m[0].shape != moments[0][0].shape for m in moments):
+                continue
+            means = torch.stack([m[0] for m in moments])
+            squares = torch.stack([m[1] for m in moments])
+            if self._variance.get(name):
+                first = squares[0] - means[0].pow(2)
+                pooled = squares.mean(dim=0) - means.mean(dim=0).pow(2)
+            else:
+                first, pooled = squares[0], squares.mean(dim=0)
+            step[name] = _medians((first.clamp_min(1e-20) / pooled.clamp_min(1e-20)).log())
+        if step or self._sma:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"iteration": self.iteration, "layers": self._rows}) + "\n")
-        self._rows = {}
+                f.write(json.dumps({"iteration": self.iteration, "sma": self._sma, "step": step}) + "\n")
+        self._moments, self._sma = {}, {}
+
+
+def _medians(log_ratio: torch.Tensor) -> Tuple[float, float]:
+    """(median |log ratio|, median log ratio) over channels."""
+    return float(log_ratio.abs().median()), float(log_ratio.median())
 
 
 class MicroBatchTrainer(SimpleTrainer):
     """SimpleTrainer whose step is `micro_batches` forward/backward passes with accumulated gradients."""
 
     def __init__(self, model, data_loader, optimizer, micro_batches: int, norm_state: str,
-                 chi2_recorder: Optional[Chi2LagRecorder] = None):
+                 chi2_recorder: Optional[Chi2Recorder] = None):
         super().__init__(model, data_loader, optimizer)
         if norm_state not in ("sync", "per_gpu", "shared"):
             raise ValueError(f"norm_state must be 'sync', 'per_gpu' or 'shared', got {norm_state!r}")
@@ -210,17 +353,17 @@ class MicroBatchTrainer(SimpleTrainer):
         chunks = self._chunks(data)
         self.optimizer.zero_grad()
         summed: Dict[str, torch.Tensor] = {}
+        if self.chi2_recorder is not None:
+            self.chi2_recorder.start_step(self.iter, single_forward=len(chunks) == 1)
         for k, chunk in enumerate(chunks):
             if self.chi2_recorder is not None:
-                self.chi2_recorder.active = k == 0
-                self.chi2_recorder.iteration = self.iter
+                self.chi2_recorder.micro = k
             with self.replicas.use(k) if self.replicas is not None else contextlib.nullcontext():
                 loss_dict = self.model(chunk)
                 (sum(loss_dict.values()) / len(chunks)).backward()
             for name, value in loss_dict.items():
                 summed[name] = summed.get(name, 0) + value.detach() / len(chunks)
         if self.chi2_recorder is not None:
-            self.chi2_recorder.active = False
             self.chi2_recorder.flush()
         self._write_metrics(summed, data_time)
         self.optimizer.step()
@@ -236,8 +379,8 @@ class VirtualGPUTrainer(MABNTrainer):
     def __init__(self, cfg: CfgNode):
         super().__init__(cfg)
         recorder = None
-        if any(isinstance(m, MABN2d) for m in self.model.modules()):
-            recorder = Chi2LagRecorder(self.model, os.path.join(cfg.OUTPUT_DIR, "chi2_lag.jsonl"))
+        if any(isinstance(m, (MABN2d, nn.BatchNorm2d)) for m in self.model.modules()):
+            recorder = Chi2Recorder(self.model, os.path.join(cfg.OUTPUT_DIR, "chi2.jsonl"), self.micro_batches)
         self._trainer = MicroBatchTrainer(self.model, self.data_loader, self.optimizer, self.micro_batches,
                                           self.arm.norm_state, recorder)
 
@@ -251,42 +394,38 @@ class VirtualGPUTrainer(MABNTrainer):
         return DatasetMapper(**args)
 
 
-def arm_opts(steps: int, eval_period: int, lr: float = 0.02, images_per_step: int = 16,
-             lr_warmup: Optional[int] = None) -> List[str]:
-    """The solver of every arm: SGD batch 16 at the paper's LR 0.02, linear warm-up, cosine decay."""
-    warmup = lr_warmup if lr_warmup is not None else max(1, steps // 9)
-    return ["SOLVER.IMS_PER_BATCH", str(images_per_step), "SOLVER.BASE_LR", str(lr), "SOLVER.MAX_ITER", str(steps),
-            "SOLVER.WARMUP_ITERS", str(warmup), "TEST.EVAL_PERIOD", str(eval_period),
-            "SOLVER.CHECKPOINT_PERIOD", str(eval_period)]
+def summarize_chi2(path: str, edges: Sequence[int]) -> Dict[str, Dict[str, Dict[str, Tuple[float, float]]]]:
+    """{"sma" | "step": {window "a-b": {layer label: (median |log ratio|, median log ratio)}}} over the
+    steps in each window (Chi2Recorder's rows).
 
-
-def summarize_chi2_lag(path: str, edges: Sequence[int]) -> Dict[str, Dict[str, Tuple[float, float]]]:
-    """{window "a-b": {layer label: (median |log ratio|, median log ratio)}} over the steps in each window.
-
-    Layer labels are CHI2_LAYERS' plus "all layers" (the median over every MABN layer's per-step values).
+    Layer labels are CHI2_LAYERS' plus "all layers" (the median over every layer's per-step values).
     """
     rows = []
     if os.path.exists(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    summary: Dict[str, Dict[str, Tuple[float, float]]] = {}
-    for a, b in zip(edges, edges[1:]):
-        window = [r for r in rows if a <= r["iteration"] < b]
-        if not window:
-            continue
-        cells: Dict[str, Tuple[float, float]] = {}
-        for label, name in CHI2_LAYERS.items():
-            values = [r["layers"][name] for r in window if name in r["layers"]]
-            if values:
-                cells[label] = (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
-        every = [v for r in window for v in r["layers"].values()]
-        cells["all layers"] = (statistics.median(v[0] for v in every), statistics.median(v[1] for v in every))
-        summary[f"{a}-{b}"] = cells
+    summary: Dict[str, Dict[str, Dict[str, Tuple[float, float]]]] = {}
+    for kind in ("sma", "step"):
+        for a, b in zip(edges, edges[1:]):
+            window = [r[kind] for r in rows if a <= r["iteration"] < b and r.get(kind)]
+            if not window:
+                continue
+            cells: Dict[str, Tuple[float, float]] = {}
+            for label, name in CHI2_LAYERS.items():
+                values = [layers[name] for layers in window if name in layers]
+                if values:
+                    cells[label] = _window_medians(values)
+            cells["all layers"] = _window_medians([v for layers in window for v in layers.values()])
+            summary.setdefault(kind, {})[f"{a}-{b}"] = cells
     return summary
 
 
+def _window_medians(values: Sequence[Sequence[float]]) -> Tuple[float, float]:
+    return (round(statistics.median(v[0] for v in values), 4), round(statistics.median(v[1] for v in values), 4))
+
+
 def run_study(output_dir: str, arms: Sequence[str], seeds: Sequence[int], steps: int, eval_period: int,
-              jitter: float, jobs: int = 2, virtual_gpus: int = 8, opts: Sequence[str] = (),
+              recipe: str = "official", jobs: int = 2, virtual_gpus: int = 8, opts: Sequence[str] = (),
               repo_root: str = ".", python: str = sys.executable) -> Dict[str, Dict[int, str]]:
     """Train every (arm, seed) not finished yet, `jobs` at a time, one thread each; {arm: {seed: run dir}}.
 
@@ -311,9 +450,10 @@ def run_study(output_dir: str, arms: Sequence[str], seeds: Sequence[int], steps:
             arm, seed, run_dir = pending.pop(0)
             _record_commit(run_dir, repo_root)
             command = [python, "-m", "mabn_d2.research.paper_setting", "--arm", arm, "--output-dir", run_dir,
-                       "--seed", str(seed), "--virtual-gpus", str(virtual_gpus), "--jitter", str(jitter)]
+                       "--seed", str(seed), "--virtual-gpus", str(virtual_gpus), "--recipe", recipe,
+                       "--steps", str(steps), "--eval-period", str(eval_period)]
             command += ["--resume"] if os.path.exists(os.path.join(run_dir, "last_checkpoint")) else []
-            command += [*arm_opts(steps, eval_period), *opts]
+            command += list(opts)
             log = open(os.path.join(run_dir, "stdout.txt"), "a")
             running.append((subprocess.Popen(command, cwd=repo_root, env=env, stdout=log, stderr=log), run_dir,
                             time.time()))
@@ -329,23 +469,33 @@ def run_study(output_dir: str, arms: Sequence[str], seeds: Sequence[int], steps:
     return runs
 
 
+def arm_config(arm: Arm, schedule: Schedule, opts: Sequence[str] = ()) -> List[str]:
+    """Every override of one arm's run: the recipe's solver, the arm's MABN phases, then the caller's."""
+    return [*arm.opts(schedule), *opts]
+
+
 def main(argv: Optional[Sequence[str]] = None, repo_root: str = ".") -> Dict:
     parser = argparse.ArgumentParser(description="Train one arm of the paper-setting study.")
     parser.add_argument("--arm", required=True, choices=list(ARMS))
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--virtual-gpus", type=int, default=8)
-    parser.add_argument("--jitter", type=float, default=0.0, help="per-image brightness/contrast jitter")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="official")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-period", type=int, default=100)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     arm = ARMS[args.arm]
+    schedule = RECIPES[args.recipe](args.steps, args.eval_period)
     cfg = setup_cfg(os.path.join(repo_root, arm.config),
-                    [*arm.opts, *args.opts, "OUTPUT_DIR", args.output_dir, "SEED", str(args.seed)], args=_D2Args())
+                    [*arm_config(arm, schedule, args.opts), "OUTPUT_DIR", args.output_dir, "SEED", str(args.seed)],
+                    args=_D2Args())
     register_demo_datasets(cfg)
     seed_all_rng(cfg.SEED)
+    logger.info("%s, arm %s: %s", schedule.describe(), args.arm, arm.description)
     trainer_class = type("ArmTrainer", (VirtualGPUTrainer,), {
-        "arm": arm, "micro_batches": args.virtual_gpus, "jitter": args.jitter})
+        "arm": arm, "micro_batches": args.virtual_gpus, "jitter": arm.jitter_for(schedule)})
     trainer = trainer_class(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train() or {}

@@ -1,33 +1,42 @@
 """Records and the table of the paper-setting study (8 virtual GPUs x 2 images), from results/paper_setting."""
 import os
 import statistics
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 from .benchmarking import markdown_table
 from .run_records import record_from_run
 
-__all__ = ["CHI2_EDGES", "export_arm_record", "paper_setting_table"]
+__all__ = ["chi2_edges", "export_arm_record", "paper_setting_table"]
 
 
-def chi2_edges(steps: int, buffer_size: int = 16, sma_start: int = 30) -> list:
-    """Windows of the chi2 lag statistic: the buffer filling, then thirds of the rest."""
-    rest = steps - sma_start
-    return [buffer_size + 1, sma_start, sma_start + rest // 3, sma_start + 2 * rest // 3, steps]
+def chi2_edges(schedule, sma_start: int, buffer_size: int = 16) -> List[int]:
+    """Windows of the chi2 statistics: the buffer filling, then the recipe's phases (moving averages,
+    re-normalization, the first LR decay) up to the end."""
+    inner = [e for e in (sma_start, schedule.renorm_start, int(round(schedule.steps * 2 / 3)))
+             if buffer_size + 1 < e < schedule.steps]
+    return sorted({buffer_size + 1, *inner, schedule.steps})
 
 
-CHI2_EDGES = chi2_edges(120)
-
-
-def export_arm_record(run_dir: str, arm: str, seed: int, steps: int, setting: str) -> Dict:
-    """A committed record of one finished arm run: curve, loss over the last quarter, chi2 lag windows."""
+def export_arm_record(run_dir: str, arm: str, seed: int, schedule, virtual_gpus: int = 8,
+                      opts: Sequence[str] = ()) -> Dict:
+    """A committed record of one finished arm run: curve, loss over the last quarter, the chi2 windows
+    (chi2_sma: the batch statistic against MABN's moving average; chi2_step: against the step's pooled
+    statistic, the control), and the recipe it trained under."""
     from .detection_study import evaluation_curve
-    from .paper_setting import ARMS, summarize_chi2_lag
+    from .paper_setting import ARMS, arm_config, summarize_chi2
 
-    last_quarter = [steps - steps // 4, steps]
-    record = record_from_run(run_dir, "paper_setting", arm, seed, ARMS[arm].description, evaluation_curve(run_dir),
-                             last_quarter, [ARMS[arm].config, *ARMS[arm].opts], setting=setting,
-                             chi2_lag=summarize_chi2_lag(os.path.join(run_dir, "chi2_lag.jsonl"), chi2_edges(steps)))
-    return record
+    steps = schedule.steps
+    spec = ARMS[arm]
+    sma_start, renorm_start = spec.phase_steps(schedule)
+    chi2 = summarize_chi2(os.path.join(run_dir, "chi2.jsonl"), chi2_edges(schedule, sma_start))
+    setting = (f"{virtual_gpus} virtual GPUs x 2 images, SGD batch {2 * virtual_gpus}, LR 0.02, "
+               f"{schedule.describe()}, 192 px")
+    return record_from_run(
+        run_dir, "paper_setting", arm, seed, spec.description, evaluation_curve(run_dir),
+        [steps - steps // 4, steps], [spec.config, *arm_config(spec, schedule, opts)], setting=setting,
+        recipe=schedule.recipe, steps=steps, jitter=spec.jitter_for(schedule),
+        mabn_phases={"moving_averages_from": sma_start, "renorm_from": renorm_start} if spec.is_mabn() else None,
+        chi2_sma=chi2.get("sma"), chi2_step=chi2.get("step"))
 
 
 def _mean_std(values: Sequence[float]) -> str:
