@@ -10,6 +10,7 @@ results/ regenerates the same document.
   results/detection_long_schedule/<run>.json   section 3.1 (GPU, 3,000 iterations)
   results/benchmarks/section.md                 section 4, the benchmark scripts' tables
   results/paper_setting*/<run>.json, intro.md, command.txt, reading.md   section 5, one subsection per schedule
+  results/paper_recipe/<run>.json, intro.md, command.txt, reading.md     section 6, official recipe
 docs/results_reading.md is the hand-written reading, included verbatim at the top.
 
   python tools/make_results.py                       # regenerate docs/results.md
@@ -29,7 +30,7 @@ from typing import List, Optional
 from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.benchmarking import markdown_table
 from mabn_d2.research.detection_report import curves_table_all, detection_report, plot_records
-from mabn_d2.research.paper_setting_report import paper_setting_table
+from mabn_d2.research.paper_setting_report import chi2_layer_table, paper_setting_table
 from mabn_d2.research.run_records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +104,34 @@ def paper_setting_section(folders: List[Path]) -> List[str]:
     return lines
 
 
+def official_recipe_section(folder: Path) -> List[str]:
+    """Section 6, "official recipe": the study under the authors' solver scaled to its schedule; the
+    three arms of the question, the one-change attribution arms, and the chi2 scatter beside its control."""
+    records = load_records(str(folder))
+    main_arms = ("SyncBN16", "BN2", "MABN_per_gpu")
+    question = [r for r in records if r["variant"] in main_arms]
+    attribution = [r for r in records if r["variant"] not in main_arms or r["variant"] == "MABN_per_gpu" and r["seed"] == 0]
+    settings = sorted({r.get("setting", "") for r in records} - {""})
+    commits = sorted({r["commit"] for r in records if r["commit"]})
+    lines = ["## 6. Official recipe: 8 virtual GPUs x 2 images under the authors' solver", "",
+             f"Records in results/{folder.name}.", *(f"Setting: {s}." for s in settings),
+             f"Trained at commit(s) {', '.join(commits)}.", "", *_optional_text(folder / "intro.md")]
+    if question:
+        lines += ["### 6.1 SyncBN(16), BN(2) and MABN per GPU", "", paper_setting_table(question), ""]
+    if len(attribution) > 1:
+        lines += ["### 6.2 Attribution: one change to MABN_per_gpu per arm (seed 0)", "",
+                  paper_setting_table(attribution), ""]
+    layer_table = chi2_layer_table(records)
+    if layer_table:
+        lines += ["### 6.3 The chi2 scatter and its control, per tracked layer (first seed of each arm)", "",
+                  "Median over steps of the per-step median over channels of |log ratio| (signed median in "
+                  "brackets). Against the SMA: what MABN divides by once moving averages are on. Against "
+                  "chi2_step: the same statistic pooled over the step's 16 images at the same weights, where "
+                  "nothing is stale; for BN layers the statistic is the batch variance.", "", layer_table, ""]
+    lines += [*_optional_text(folder / "reading.md"), *_optional_text(folder / "command.txt", "Reproduce: `{}`")]
+    return lines
+
+
 # ----------------------------------------------------------------------- importing fresh tool outputs
 def import_study(study_dir: Path, folder: Path) -> None:
     """Render tools/small_batch_study.py's output into the committed section 1."""
@@ -166,6 +195,8 @@ def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") ->
         lines += committed_section(results / "benchmarks", docs)
     if paper_setting_folders(results):
         lines += paper_setting_section(paper_setting_folders(results))
+    if list((results / "paper_recipe").glob("*_seed*.json")):
+        lines += official_recipe_section(results / "paper_recipe")
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
     atomic_write_text(str(output), text)
     return text

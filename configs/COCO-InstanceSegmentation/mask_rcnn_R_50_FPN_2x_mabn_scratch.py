@@ -42,9 +42,18 @@ model.model.pixel_std = [57.375, 57.120, 58.395]
 train.init_checkpoint = ""
 train.max_iter = 180000  # 2x at 16 images per iteration
 dataloader.train.total_batch_size = 16
+# The authors' solver, as the YAML's (docs/algorithm.md, "The training recipe"): bias LR x 2 with no
+# weight decay, every other parameter (norm gamma included) weight decay 1e-4, no clipping.
 optimizer.lr = 0.02
+optimizer.momentum = 0.9
+optimizer.weight_decay = 1e-4
+optimizer.params.base_lr = 0.02
+optimizer.params.weight_decay_norm = 1e-4
+optimizer.params.bias_lr_factor = 2.0
+optimizer.params.weight_decay_bias = 0.0
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[120000, 160000], num_updates=180000),
-    warmup_length=1000 / 180000,
-    warmup_factor=0.001,
+    warmup_length=500 / 180000,
+    warmup_factor=1.0 / 3,
+    warmup_method="linear",
 )

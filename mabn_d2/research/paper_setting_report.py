@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 from .benchmarking import markdown_table
 from .run_records import record_from_run
 
-__all__ = ["chi2_edges", "export_arm_record", "paper_setting_table"]
+__all__ = ["chi2_edges", "chi2_layer_table", "export_arm_record", "paper_setting_table"]
 
 
 def chi2_edges(schedule, sma_start: int, buffer_size: int = 16) -> List[int]:
@@ -50,6 +50,7 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
     if not records:
         raise ValueError("no paper-setting run records to report")
     rows = []
+    with_control = any(r.get("chi2_step") for r in records)
     for arm in dict.fromkeys(r["variant"] for r in records):
         runs = sorted((r for r in records if r["variant"] == arm), key=lambda r: r["seed"])
         finals = [r["curve"][max(r["curve"])] for r in runs]
@@ -58,9 +59,9 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
                             for r in runs for step in sorted(r["curve"], key=int)[:-1])
         losses = [r["loss_windows"]["total_loss"][-1] for r in runs if r["loss_windows"]]
         edges = runs[0]["loss_windows"]["edges"] if runs[0]["loss_windows"] else None
-        lag = runs[0].get("chi2_lag") or {}
-        lag_cell = "; ".join(f"{w}: {lag[w]['all layers'][0]:.2f} ({lag[w]['all layers'][1]:+.2f})"
-                             for w in sorted(lag, key=lambda w: int(w.split("-")[0]))) or "–"
+        lag = runs[0].get("chi2_sma") or runs[0].get("chi2_lag") or {}
+        lag_cell = _chi2_cell(lag)
+        control_cell = _chi2_cell(runs[0].get("chi2_step") or {})
         rows.append([
             arm, ", ".join(str(r["seed"]) for r in runs),
             f"{_mean_std([m['bbox/AP'] for m in finals])} / {_mean_std([m['segm/AP'] for m in finals])}",
@@ -68,6 +69,35 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
             earlier or "–",
             (f"{statistics.mean(losses):.3f} (steps {edges[-2]}-{edges[-1]})" if losses else "–"),
             lag_cell + (f" [seed {runs[0]['seed']}]" if lag and len(runs) > 1 else ""),
-        ])
-    return markdown_table(["arm", "seeds", "final box / mask AP", "per seed", "earlier evaluations, step: box / mask AP",
-                           "mean training loss", "chi2 scatter (bias), all MABN layers"], rows)
+        ] + ([control_cell] if with_control else []))
+    header = ["arm", "seeds", "final box / mask AP", "per seed", "earlier evaluations, step: box / mask AP",
+              "mean training loss", "chi2 scatter (bias) against the SMA, all MABN layers"]
+    if with_control:
+        header.append("control: against the step's pooled statistic, all norm layers")
+    return markdown_table(header, rows)
+
+
+def _chi2_cell(windows: Dict) -> str:
+    """'window: median |log ratio| (median log ratio)' for the "all layers" entry of every window."""
+    return "; ".join(f"{w}: {windows[w]['all layers'][0]:.2f} ({windows[w]['all layers'][1]:+.2f})"
+                     for w in sorted(windows, key=lambda w: int(w.split("-")[0]))) or "–"
+
+
+def chi2_layer_table(records: Sequence[Dict]) -> str:
+    """Seed 0's chi2 windows per tracked layer: against MABN's SMA and, beside it, against the step's
+    pooled statistic (the control, nothing stale in it), for every arm that recorded them."""
+    rows = []
+    for record in records:
+        if record["seed"] != min(r["seed"] for r in records if r["variant"] == record["variant"]):
+            continue
+        sma, step = record.get("chi2_sma") or {}, record.get("chi2_step") or {}
+        for window in sorted(set(sma) | set(step), key=lambda w: int(w.split("-")[0])):
+            layers = list(dict.fromkeys([*sma.get(window, {}), *step.get(window, {})]))
+            for layer in layers:
+                cells = [sma.get(window, {}).get(layer), step.get(window, {}).get(layer)]
+                rows.append([record["variant"], window, layer,
+                             *[f"{c[0]:.2f} ({c[1]:+.2f})" if c else "–" for c in cells]])
+    if not rows:
+        return ""
+    return markdown_table(["arm", "steps", "layer", "|log(chi2_B / SMA)| (signed)",
+                           "|log(chi2_B / chi2_step)| (signed), control"], rows)

@@ -249,11 +249,12 @@ def test_results_doc_is_rendered_from_a_results_folder_alone(tmp_path):
     assert "## 5." not in text  # no paper-setting records, no section
 
 
-@pytest.mark.parametrize("warmups, warns", [(("9", "45"), True), (("100", "1000"), False)])
-def test_trainer_logs_one_warning_when_warmups_are_out_of_order(demo_datasets_dir, tmp_path, warmups, warns):
+@pytest.mark.parametrize("warmups", [("9", "45"), ("20", "160")])
+def test_trainer_no_longer_warns_about_the_warmup_order(demo_datasets_dir, tmp_path, warmups):
+    """Moving averages inside the LR warm-up are the official recipe (100 of 500), not a mistake."""
     from mabn_d2.engine.trainer import MABNTrainer
 
-    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "450", "SOLVER.WARMUP_ITERS", "50",
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "450", "SOLVER.WARMUP_ITERS", "90",
                     "MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
                     "MODEL.MABN.WARMUP_ITERS", warmups[0], "MODEL.MABN.RENORM_WARMUP_ITERS", warmups[1])
     capture = _Capture()
@@ -263,7 +264,4 @@ def test_trainer_logs_one_warning_when_warmups_are_out_of_order(demo_datasets_di
         MABNTrainer(cfg)
     finally:
         logger.removeHandler(capture)
-    warned = [m for m in capture.messages if "warm-ups out of order" in m]
-    assert len(warned) == (1 if warns else 0), capture.messages
-    if warns:
-        assert "SOLVER.WARMUP_ITERS=50" in warned[0] and "MODEL.MABN.RENORM_WARMUP_ITERS" in warned[0]
+    assert not [m for m in capture.messages if "out of order" in m], capture.messages

@@ -106,13 +106,15 @@ def test_virtual_gpus_runs_the_paper_setting_and_writes_its_records(tmp_path, mo
 
     monkeypatch.setattr(tool, "run_study", fake_run_study)
     report = tool.main(["--virtual-gpus", "8", "--variants", "BN2", "--seeds", "3", "--steps", "4",
-                        "--eval-period", "2", "--jitter", "0.3", "--output-dir", str(tmp_path / "out"),
+                        "--eval-period", "2", "--output-dir", str(tmp_path / "out"),
                         "--records-dir", str(tmp_path / "records")])
     assert calls["arms"] == ["BN2"] and calls["seeds"] == [3] and calls["virtual_gpus"] == 8
-    assert calls["steps"] == 4 and calls["eval_period"] == 2 and calls["jitter"] == 0.3
+    assert calls["steps"] == 4 and calls["eval_period"] == 2 and calls["recipe"] == "official"
     (record,) = load_records(str(tmp_path / "records"))
     assert record["variant"] == "BN2" and record["seed"] == 3 and record["curve"][4]["bbox/AP"] == 5.0
-    assert "8 virtual GPUs x 2 images, SGD batch 16" in record["setting"] and "jitter 0.3" in record["setting"]
+    assert "8 virtual GPUs x 2 images, SGD batch 16" in record["setting"] and "recipe official" in record["setting"]
+    assert (record["recipe"], record["steps"], record["jitter"]) == ("official", 4, 0.0)
+    assert "SOLVER.BIAS_LR_FACTOR" in record["config_opts"]
     assert "| BN2 | 3 | 5.0 / 4.0 |" in report
     with pytest.raises(SystemExit, match="unknown arms"):
         tool.main(["--virtual-gpus", "8", "--variants", "MABN_paper_warmups"])
