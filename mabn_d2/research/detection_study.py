@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from ..engine.atomic_io import atomic_write, atomic_write_text
 from .benchmarking import markdown_table
+from .recipe import official_schedule
 from .reestimation import evaluation_records
 
 __all__ = [
@@ -36,6 +37,23 @@ DEMO_NORM_CONFIGS = {"BN": _DEMO.format("bn"), "GN": _DEMO.format("gn"), "MABN":
 # The paper's warm-ups, pinned so the variant does not follow later changes of the demo config.
 _PAPER_WARMUPS = ("MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
                   "MODEL.MABN.WARMUP_ITERS", "100", "MODEL.MABN.RENORM_WARMUP_ITERS", "1000")
+
+
+def _official_demo_opts(max_iter: int = 450, lr: float = 0.02) -> Tuple[str, ...]:
+    """The authors' solver scaled to the demo's schedule by the study's rules (recipe.official_schedule):
+    at 450 iterations LR warm-up 90 from 1/3, moving averages from 22, re-normalization from 180,
+    LR x 0.1 at 300 and 400, bias LR x 2 without decay, gamma decayed, no clipping. The demo's LR
+    and its 2 images per step stay; the study sets its own evaluation and checkpoint periods."""
+    schedule = official_schedule(max_iter, 0, lr=lr, images_per_step=2)
+    pairs = list(zip(schedule.solver_opts[::2], schedule.solver_opts[1::2]))
+    solver = [x for key, value in pairs if key not in ("TEST.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD")
+              for x in (key, value)]
+    return tuple(solver) + ("MODEL.MABN.WARMUP_FRACTION", "-1.0", "MODEL.MABN.RENORM_WARMUP_FRACTION", "-1.0",
+                            "MODEL.MABN.WARMUP_ITERS", str(schedule.sma_start),
+                            "MODEL.MABN.RENORM_WARMUP_ITERS", str(schedule.renorm_start))
+
+
+_OFFICIAL = _official_demo_opts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +86,14 @@ VARIANTS: Dict[str, Variant] = {
     "MABN_bn_heads": Variant("MABN in backbone and FPN, BN in the box and mask heads, paper warm-ups",
                              DEMO_NORM_CONFIGS["MABN"],
                              _PAPER_WARMUPS + ("MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_MASK_HEAD.NORM", "BN")),
+    # The demo under the authors' solver scaled to its 450 iterations (docs/algorithm.md).
+    "BN_official": Variant("BatchNorm, the official solver scaled to 450 iterations", DEMO_NORM_CONFIGS["BN"],
+                           _OFFICIAL),
+    "MABN_official": Variant("MABN everywhere, the official solver and MABN phases scaled to 450 iterations",
+                             DEMO_NORM_CONFIGS["MABN"], _OFFICIAL),
+    "MABN_bn_heads_official": Variant("MABN in backbone and FPN, BN in the heads, the official solver scaled to 450 "
+                                      "iterations", DEMO_NORM_CONFIGS["MABN"],
+                                      _OFFICIAL + ("MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_MASK_HEAD.NORM", "BN")),
     "MABN_paper_warmups_reestimated": Variant(
         "MABN_paper_warmups' checkpoints with running_var re-estimated from 100 training batches",
         reestimate="MABN_paper_warmups"),

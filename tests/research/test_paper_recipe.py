@@ -165,3 +165,21 @@ def test_summarize_chi2_keeps_both_statistics_per_window(tmp_path):
     summary = summarize_chi2(str(path), [0, 2, 4])
     assert summary["sma"] == {"2-4": {"all layers": (0.5, -0.1)}}
     assert summary["step"]["0-2"]["all layers"] == (0.3, 0.05)
+
+
+def test_the_demo_variants_take_the_official_solver_scaled_to_450_iterations():
+    from mabn_d2.research.detection_study import VARIANTS
+
+    for name in ("BN_official", "MABN_official", "MABN_bn_heads_official"):
+        variant = VARIANTS[name]
+        cfg = get_cfg()
+        add_mabn_config(cfg)
+        cfg.merge_from_file(variant.config)
+        cfg.merge_from_list(list(variant.opts))
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.WARMUP_ITERS) == (450, 2, 90)
+        assert cfg.SOLVER.STEPS == (300, 400) and not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+        assert cfg.SOLVER.BIAS_LR_FACTOR == 2.0 and cfg.SOLVER.WEIGHT_DECAY_NORM == 1e-4
+        assert "TEST.EVAL_PERIOD" not in variant.opts  # the study's own period applies
+        kwargs = mabn_kwargs_from_cfg(cfg)
+        assert (kwargs["warmup_iters"], kwargs["renorm_warmup_iters"]) == (22, 180)
+    assert ARMS  # the module imports together with the study's
