@@ -8,9 +8,11 @@ loading (deprecated) for configs written before the EMA rates got distinct names
 detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
 through `mabn_d2.modeling.registry` (which reads them while `build_model` runs).
 """
+import contextlib
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
+import yacs.config
 from detectron2.config import CfgNode as CN
 
 from .layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS, Hyperparameter, is_finite_number
@@ -20,6 +22,7 @@ __all__ = [
     "validate_mabn_config",
     "mabn_kwargs_from_cfg",
     "brn_kwargs_from_cfg",
+    "float_keys_take_integers",
     "resolve_mabn_warmups",
     "long_renorm_warmup_message",
 ]
@@ -27,6 +30,29 @@ __all__ = [
 # Share of SOLVER.MAX_ITER above which the re-normalization warm-up is reported as too long:
 # until it ends, training normalizes by short moving averages while inference uses running_var.
 LONG_RENORM_WARMUP_SHARE = 0.1
+
+
+@contextlib.contextmanager
+def float_keys_take_integers() -> Iterator[None]:
+    """Within the block, an integer merged into a float key (file or override list) becomes that float.
+
+    yacs refuses `MODEL.MABN.WARMUP_FRACTION -1` or `SOLVER.BASE_LR: 1` as a type mismatch,
+    although the integer stands for the same value. Both merge_from_file and merge_from_list
+    check types through one yacs function, so widening it here covers every way a value comes
+    in (and detectron2's upgrade of old config versions). Booleans stay refused.
+    """
+    strict = yacs.config._check_and_coerce_cfg_value_type
+
+    def coerce(replacement: Any, original: Any, key: str, full_key: str) -> Any:
+        if type(original) is float and type(replacement) is int:
+            return float(replacement)
+        return strict(replacement, original, key, full_key)
+
+    yacs.config._check_and_coerce_cfg_value_type = coerce
+    try:
+        yield
+    finally:
+        yacs.config._check_and_coerce_cfg_value_type = strict
 
 
 def _fraction_or_off(value: Any) -> bool:

@@ -23,7 +23,8 @@ if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
 fi
 
 echo "[setup] installing detectron2's runtime dependencies"
-"${PIP[@]}" "numpy<2" "setuptools<80" Pillow matplotlib pycocotools termcolor yacs tabulate \
+# setuptools>=77 builds pyproject.toml's SPDX license; a Python 3.11 venv starts with 65.5.
+"${PIP[@]}" "numpy<2" "setuptools>=77,<80" Pillow matplotlib pycocotools termcolor yacs tabulate \
   cloudpickle tqdm tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging \
   fvcore iopath "opencv-python-headless<4.11" pytest onnx onnxscript onnxruntime imgviz==2.1.0
 

@@ -20,7 +20,7 @@ from torch import nn
 from mabn_d2.engine.checkpoint import (
     RANK_STATES_KEY, CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint,
 )
-from mabn_d2.layers import MABN2d
+from mabn_d2.layers import CenteredConv2d, MABN2d
 from mabn_d2.engine.rank_state import capture_rank_state, restore_rank_state
 
 from .conftest import REPO_ROOT
@@ -28,7 +28,7 @@ from .conftest import REPO_ROOT
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4, buffer_size=2, warmup_iters=0, renorm_warmup_iters=2))
+    model = nn.Sequential(CenteredConv2d(3, 4, 1), MABN2d(4, buffer_size=2, warmup_iters=0, renorm_warmup_iters=2))
     model.train()
     for _ in range(3):  # statistics and ring buffers away from their initial values
         model(torch.randn(2, 3, 5, 5))
@@ -143,6 +143,44 @@ def test_a_failed_load_does_not_break_the_next_one(tmp_path):
     assert checkpointer.load(str(tmp_path / "good.pth"))["iteration"] == 1
 
 
+def _overwrite_tensor_bytes(path, tensor: torch.Tensor) -> None:
+    """Change one byte inside `tensor`'s data in the file: the zip and pickle around it stay intact."""
+    data = bytearray(path.read_bytes())
+    start = data.find(tensor.detach().numpy().tobytes())
+    assert start > 0 and data.count(tensor.detach().numpy().tobytes()) == 1
+    data[start + 1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_resume_from_a_checkpoint_changed_after_saving_names_it(tmp_path):
+    model = _model()
+    checkpointer = MABNCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    checkpointer.save("model_0000003", iteration=3)
+    _overwrite_tensor_bytes(tmp_path / "model_0000003.pth", model[0].weight)  # saved once: buffers twice
+    read_checkpoint(str(tmp_path / "model_0000003.pth"))  # still loads: torch.load does not notice
+    message = (r"cannot resume: checkpoint .*model_0000003\.pth is damaged: its model state does not match the "
+               r"checksum saved with it \(model_sha256\); .*other checkpoints in .*, newest first: model_0000001\.pth")
+    with pytest.raises(CheckpointError, match=message):
+        check_resume_point(str(tmp_path))
+    with pytest.raises(CheckpointError, match=message):
+        MABNCheckpointer(_model(seed=1), str(tmp_path)).resume_or_load("", resume=True)
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*model_0000003\.pth is damaged"):
+        MABNCheckpointer(_model(seed=1)).load(str(tmp_path / "model_0000003.pth"), checkpointables=[])
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    extra = MABNCheckpointer(_model(seed=1), str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 1 and "model_sha256" not in extra
+
+
+def test_checkpoints_without_a_checksum_still_load(tmp_path):
+    model = _model()
+    torch.save({"model": model.state_dict(), "iteration": 7}, tmp_path / "model_0000007.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000007.pth")
+    other = _model(seed=1)
+    assert MABNCheckpointer(other, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 7
+    assert torch.equal(other[1].running_var, model[1].running_var)
+
+
 def test_resume_restores_buffers_and_rng_of_this_process(tmp_path):
     model = _model()
     checkpointer = MABNCheckpointer(model, str(tmp_path))
@@ -216,3 +254,30 @@ def test_per_process_state_of_another_model_is_refused():
     saved = [{"buffers": {"7.running_var": torch.ones(4)}, "rng": {}}]
     with pytest.raises(ValueError, match=r"does not match the model: 1 unknown buffers \(7\.running_var\)"):
         restore_rank_state(_model(), saved, rank=0, world_size=1)
+
+
+def _onto_a_full_disk(data, _file) -> None:
+    """MABNCheckpointer._serialize as a full disk answers it: torch.save onto /dev/full."""
+    with open("/dev/full", "wb") as full:
+        torch.save(data, full)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_save_on_a_full_disk_names_the_file_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), MABN2d(4))
+    checkpointer = MABNCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000099", iteration=99)
+    monkeypatch.setattr(checkpointer, "_serialize", _onto_a_full_disk)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointer.save("model_0000199", iteration=199)
+    assert str(raised.value) == (f"no space left on device while saving {tmp_path / 'model_0000199.pth'}; "
+                                 f"{tmp_path / 'model_0000099.pth'} kept")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000099.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000099.pth"
+
+    first = MABNCheckpointer(model, str(tmp_path / "new"))
+    os.makedirs(first.save_dir)
+    monkeypatch.setattr(first, "_serialize", _onto_a_full_disk)
+    with pytest.raises(CheckpointError, match=r"while saving .*model_0000000.pth; no earlier checkpoint in .*new$"):
+        first.save("model_0000000", iteration=0)
+    assert os.listdir(first.save_dir) == []

@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 from mabn_d2 import BatchRenorm2d, MABN2d, add_mabn_config
 from mabn_d2.config import (
     brn_kwargs_from_cfg,
+    float_keys_take_integers,
     long_renorm_warmup_message,
     mabn_kwargs_from_cfg,
     resolve_mabn_warmups,
@@ -226,3 +227,75 @@ def test_config_keys_derive_from_the_layer_table():
         for parameter in table:
             assert cfg.MODEL[section][parameter.config_key] == parameter.default
             assert layer_defaults(layer)[parameter.name] == parameter.default
+
+
+# ----------------------------------------------------------------------------- integers for float keys
+
+
+CPU = "MODEL:\n  DEVICE: cpu\n"
+
+
+def _setup_cfg(tmp_path, yaml_text, opts):
+    from mabn_d2.engine.trainer import setup_cfg
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    return setup_cfg(str(path), opts)
+
+
+def test_integer_overrides_of_float_keys_are_those_floats(tmp_path):
+    cfg = _setup_cfg(tmp_path, CPU, ["MODEL.MABN.WARMUP_FRACTION", "-1", "MODEL.MABN.RENORM_CLIP", "5",
+                                    "MODEL.MABN.RENORM_WARMUP_FRACTION", "0", "MODEL.BRN.R_MAX", "2",
+                                    "SOLVER.BASE_LR", "1", "MODEL.MABN.BUFFER_SIZE", "8"])
+    expected = {("MABN", "WARMUP_FRACTION"): -1.0, ("MABN", "RENORM_CLIP"): 5.0,
+                ("MABN", "RENORM_WARMUP_FRACTION"): 0.0, ("BRN", "R_MAX"): 2.0}
+    for (section, key), value in expected.items():
+        assert type(cfg.MODEL[section][key]) is float and cfg.MODEL[section][key] == value, key
+    assert type(cfg.SOLVER.BASE_LR) is float and cfg.SOLVER.BASE_LR == 1.0
+    assert type(cfg.MODEL.MABN.BUFFER_SIZE) is int and cfg.MODEL.MABN.BUFFER_SIZE == 8
+    assert resolve_mabn_warmups(cfg) == (100, 0)
+
+
+def test_integers_for_float_keys_load_from_a_yaml_file(tmp_path):
+    cfg = _setup_cfg(tmp_path, "SOLVER:\n  BASE_LR: 1\nMODEL:\n  MABN:\n    EPS: 1\n    WARMUP_FRACTION: 0\n", [])
+    assert (cfg.SOLVER.BASE_LR, cfg.MODEL.MABN.EPS, cfg.MODEL.MABN.WARMUP_FRACTION) == (1.0, 1.0, 0.0)
+    assert all(type(v) is float for v in (cfg.SOLVER.BASE_LR, cfg.MODEL.MABN.EPS, cfg.MODEL.MABN.WARMUP_FRACTION))
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.MABN.WARMUP_FRACTION", "5"], "cfg.MODEL.MABN.WARMUP_FRACTION must be -1 (off) or in [0, 1], got 5.0"),
+    (["MODEL.MABN.EPS", "0"], "cfg.MODEL.MABN.EPS must be > 0, got 0.0"),
+    (["MODEL.MABN.RENORM_CLIP", "0"], "cfg.MODEL.MABN.RENORM_CLIP must be >= 1, got 0.0"),
+])
+def test_integers_out_of_range_name_the_key_and_the_rule(tmp_path, opts, message):
+    from mabn_d2.engine.preflight import UsageError
+
+    with pytest.raises(UsageError) as error:
+        _setup_cfg(tmp_path, CPU, opts)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("key, value, types", [
+    ("SOLVER.MAX_ITER", "1.5", "(<class 'int'> vs. <class 'float'>)"),  # a float is not an integer
+    ("MODEL.MASK_ON", "1", "(<class 'bool'> vs. <class 'int'>)"),  # nor an integer a boolean
+    ("MODEL.MABN.EPS", "small", "(<class 'float'> vs. <class 'str'>)"),
+])
+def test_other_type_mismatches_are_refused_naming_only_the_key(tmp_path, key, value, types):
+    from mabn_d2.engine.preflight import UsageError
+
+    with pytest.raises(UsageError) as error:
+        _setup_cfg(tmp_path, CPU, ["MODEL.MABN.RENORM_CLIP", "3.0", key, value])
+    message = str(error.value)
+    assert message.startswith(f"bad config override: Type mismatch {types}") and message.endswith(f"config key: {key}")
+    assert "RENORM_CLIP" not in message, "the other overrides are not echoed"
+
+
+def test_yacs_type_check_is_strict_again_after_the_merge():
+    cfg = new_cfg()
+    with pytest.raises(RuntimeError):
+        with float_keys_take_integers():
+            cfg.merge_from_list(["SOLVER.BASE_LR", "2"])
+            raise RuntimeError("leaves the block")
+    assert cfg.SOLVER.BASE_LR == 2.0
+    with pytest.raises(ValueError, match="Type mismatch"):
+        new_cfg().merge_from_list(["SOLVER.BASE_LR", "2"])

@@ -338,3 +338,27 @@ def test_plugin_warnings_land_in_log_txt_with_level_and_time(demo_datasets_dir, 
     log = (out / "log.txt").read_text()
     line = next(line for line in log.splitlines() if "re-normalization starts after iteration" in line)
     assert re.match(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] mabn_d2\.engine\.trainer WARNING: MABN re-normalization", line), line
+
+
+@pytest.mark.slow
+def test_a_demo_run_logs_mabn_health_in_metrics_and_log_txt(demo_datasets_dir, tmp_path):
+    """metrics.json holds the mabn/ scalars at the writer's period; log.txt names both phase changes."""
+    import json
+
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "21", "DATASETS.TEST", "()", "MODEL.MABN.BUFFER_SIZE", "2",
+                    "MODEL.MABN.WARMUP_ITERS", "3", "MODEL.MABN.RENORM_WARMUP_ITERS", "5",
+                    "SOLVER.CHECKPOINT_PERIOD", "100000")
+    trainer = MABNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    health = [r for r in records if "mabn/phase" in r]
+    assert [r["iteration"] for r in health] == [19, 20]  # the writer's period, and the last iteration
+    for key in ("mabn/r_clipped_fraction", "mabn/chi2_log_ratio_abs_median", "mabn/chi2_log_ratio_median"):
+        assert key in health[0], key
+    assert health[0]["mabn/phase"] == 2.0 and 0.0 <= health[0]["mabn/r_clipped_fraction"] <= 1.0
+    log = (tmp_path / "log.txt").read_text()
+    assert "every MABN layer normalizes with moving averages\n" in log
+    assert "normalizes with moving averages with re-normalization" in log
+    assert "MABN layers served by PyTorch operations" in log

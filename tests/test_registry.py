@@ -286,6 +286,7 @@ def test_register_norms_is_idempotent():
         d2_batch_norm.get_norm,
         build_model,
         importlib.import_module("detectron2.modeling").build_model,
+        importlib.import_module("detectron2.solver.build").get_default_optimizer_params,
     )
     before = hooks()
     register_norms()
@@ -296,7 +297,7 @@ def test_register_norms_is_idempotent():
         assert not getattr(fn.__wrapped__, "_mabn_d2_hook", False)  # wrapped once, not twice
 
 
-def test_only_get_norm_and_build_model_are_wrapped():
+def test_only_get_norm_build_model_and_the_optimizer_params_are_wrapped():
     untouched = (
         Conv2d.__init__,
         FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__,

@@ -27,7 +27,7 @@ from typing import List, Optional
 
 from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.detection_report import detection_report, plot_records
-from mabn_d2.research.detection_study import VARIANTS, final_metrics, run_detection_study
+from mabn_d2.research.detection_study import VARIANTS, evaluation_curve, final_metrics, run_detection_study
 from mabn_d2.research.paper_setting import ARMS, DEFAULT_ARMS, RECIPES, run_study
 from mabn_d2.research.paper_setting_report import export_arm_record, paper_setting_table
 from mabn_d2.research.run_records import load_records, record_from_run, write_record
@@ -44,16 +44,19 @@ def _paper_setting(args: argparse.Namespace) -> str:
     default_folder = "paper_recipe" if args.recipe == "official" else "paper_setting"
     records_dir = args.records_dir or os.path.join(REPO_ROOT, "results", default_folder)
     output_dir = args.output_dir or os.path.join("output", default_folder)
-    if not args.report_only:
-        runs = run_study(output_dir, arms, args.seeds, steps=args.steps, eval_period=args.eval_period,
-                         recipe=args.recipe, jobs=args.jobs, virtual_gpus=args.virtual_gpus, opts=args.opts,
-                         repo_root=REPO_ROOT)
+    if not args.report_only or args.export_unfinished:
+        runs = ({arm: {seed: os.path.join(output_dir, f"{arm}_seed{seed}") for seed in args.seeds} for arm in arms}
+                if args.report_only else
+                run_study(output_dir, arms, args.seeds, steps=args.steps, eval_period=args.eval_period,
+                          recipe=args.recipe, jobs=args.jobs, virtual_gpus=args.virtual_gpus, opts=args.opts,
+                          repo_root=REPO_ROOT))
         schedule = RECIPES[args.recipe](args.steps, args.eval_period)
         for arm, by_seed in runs.items():
             for seed, run_dir in by_seed.items():
-                if final_metrics(run_dir) is not None:
+                finished = final_metrics(run_dir) is not None
+                if finished or (args.export_unfinished and evaluation_curve(run_dir)):
                     write_record(records_dir, export_arm_record(run_dir, arm, seed, schedule, args.virtual_gpus,
-                                                                args.opts))
+                                                                args.opts, finished=finished))
     report = paper_setting_table(load_records(records_dir))
     print(report)
     return report
@@ -102,6 +105,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="official",
                         help="with --virtual-gpus: the authors' solver scaled to --steps (official), or the earlier "
                              "variant (cosine, clipping, jitter 0.4; records in results/paper_setting*)")
+    parser.add_argument("--export-unfinished", action="store_true",
+                        help="with --virtual-gpus and --report-only: also record runs stopped before their last step "
+                             "(marked finished: false; their curve ends at the last evaluation)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time with --virtual-gpus (one thread each)")
     parser.add_argument("--list", action="store_true", help="print the variants and arms, and exit")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the committed records")

@@ -26,7 +26,7 @@ from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
-from mabn_d2.config import add_mabn_config
+from mabn_d2.config import add_mabn_config, float_keys_take_integers
 from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.deploy import ExportError
 from mabn_d2.deploy.export_formats import EXPORT_FORMATS
@@ -64,13 +64,15 @@ def main(argv=None) -> int:
         cfg = get_cfg()
         add_mabn_config(cfg)
         try:
-            cfg.merge_from_file(args.config_file)
+            with float_keys_take_integers():
+                cfg.merge_from_file(args.config_file)
         except Exception as e:  # missing file, bad YAML, unknown keys
             raise ExportError(f"cannot read config {args.config_file} ({first_line(e)})") from e
         try:
-            cfg.merge_from_list(args.opts)
+            with float_keys_take_integers():
+                cfg.merge_from_list(args.opts)
         except Exception as e:  # unknown key, odd number of items
-            raise ExportError(f"bad config override {args.opts} ({first_line(e)})") from e
+            raise ExportError(f"bad config override: {first_line(e)}") from e  # yacs names the key
         if (args.verify > 0 or args.export) and not args.images:
             register_demo_datasets(cfg)
         result = fold_checkpoint(

@@ -118,12 +118,14 @@ def official_recipe_section(folder: Path) -> List[str]:
              f"Trained at commit(s) {', '.join(commits)}.", "", *_optional_text(folder / "intro.md")]
     if question:
         lines += ["### 6.1 SyncBN(16), BN(2) and MABN per GPU", "", paper_setting_table(question), ""]
+    subsection = 2
     if len(attribution) > 1:
         lines += ["### 6.2 Attribution: one change to MABN_per_gpu per arm (seed 0)", "",
                   paper_setting_table(attribution), ""]
+        subsection = 3
     layer_table = chi2_layer_table(records)
     if layer_table:
-        lines += ["### 6.3 The chi2 scatter and its control, per tracked layer (first seed of each arm)", "",
+        lines += [f"### 6.{subsection} The chi2 scatter and its control, per tracked layer (first seed of each arm)", "",
                   "Median over steps of the per-step median over channels of |log ratio| (signed median in "
                   "brackets). Against the SMA: what MABN divides by once moving averages are on. Against "
                   "chi2_step: the same statistic pooled over the step's 16 images at the same weights, where "

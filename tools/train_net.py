@@ -7,14 +7,23 @@ Same conventions as detectron2's tools/train_net.py:
 On a machine without GPUs, --num-gpus N starts N CPU processes that train with gloo. Processes
 of one machine meet on a free local port unless --dist-url is given.
 
-Before any process starts or anything is written, the config, MODEL.DEVICE, OUTPUT_DIR and the
-checkpoint to start from (the one --resume continues, or MODEL.WEIGHTS) are checked; a problem
-ends the command with one line on stderr and exit status 2.
+Before any process starts or anything is written, the config, MODEL.DEVICE, $MABN_D2_BACKEND,
+OUTPUT_DIR, the SOLVER values and the checkpoint to start from (the one --resume continues, or
+MODEL.WEIGHTS: that it loads and fits the model the config builds) are checked; a problem ends
+the command with one line on stderr and exit status 2, and an existing run's files stay as they were.
+
+SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during training saves a checkpoint at the
+current iteration in every process and ends the command with status 143 / 130; --resume
+continues from it (mabn_d2.engine.preemption). The launching process passes either signal on to
+the training processes it started and waits for them.
 """
+import contextlib
 import logging
+import multiprocessing
 import os
+import signal
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch.multiprocessing
 from detectron2.engine import default_argument_parser, launch
@@ -25,7 +34,9 @@ import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
 from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
-from mabn_d2.engine.preflight import UsageError, check_device, check_writable_dir
+from mabn_d2.engine.preemption import PREEMPTION_SIGNALS
+from mabn_d2.engine.preflight import UsageError, check_backend, check_device, check_solver, check_writable_dir
+from mabn_d2.engine.weights_fit import check_resume_fits, check_weights_fit
 
 logger = logging.getLogger("mabn_d2.train_net")
 USAGE_ERROR_STATUS = 2
@@ -47,19 +58,34 @@ def main(args):
 
 
 def check_before_start(args) -> None:
-    """The checks every process would otherwise fail on, done once, before anything is written."""
+    """The checks every process would otherwise fail on, done once, before anything is written.
+
+    Cheapest first; the checkpoint comes last, as it is compared with a model built on the CPU.
+    """
     cfg = setup_cfg(args.config_file, args.opts)
     check_device(cfg.MODEL.DEVICE, args.num_gpus if cfg.MODEL.DEVICE.startswith("cuda") else 1)
+    check_backend(cfg)
     check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
-    if args.resume and check_resume_point(cfg.OUTPUT_DIR):
-        return  # MODEL.WEIGHTS is not used
+    if not args.eval_only:
+        check_solver(cfg, training_processes(args))
+    resume_point = check_resume_point(cfg.OUTPUT_DIR) if args.resume else None
+    if resume_point:  # MODEL.WEIGHTS is not used
+        check_resume_fits(cfg, resume_point)
+        return
     check_weights_file(cfg.MODEL.WEIGHTS)
+    check_weights_fit(cfg, cfg.MODEL.WEIGHTS, eval_only=args.eval_only)
+
+
+def training_processes(args) -> int:
+    """How many processes launch() starts (the world size): one when it starts none."""
+    return max(1, args.num_gpus * args.num_machines)
 
 
 def check_weights_file(weights: str) -> None:
     """CheckpointError unless MODEL.WEIGHTS is empty, a URL, or a local file that loads."""
     if not weights or "://" in weights:
         return
+    weights = weights.split("?", 1)[0]  # detectron2 reads `file?matching_heuristics=True` as the file
     if weights.endswith(".pkl"):  # Detectron/Caffe2 pickles: detectron2 reads them itself
         if not os.path.isfile(weights):
             raise CheckpointError(f"checkpoint not found: {weights} (MODEL.WEIGHTS)")
@@ -96,6 +122,15 @@ def invoke_main(argv: Optional[List[str]] = None) -> int:
         print(f"train_net: error: {error}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     logger.info("Command Line Args: %s", args)
+    received: List[int] = []
+    with _signals_passed_on(training_processes(args) > 1, received):
+        status = _launch(args)
+    if status == 0 and received:  # a process stopped by the signal before training began ends as 0
+        return 128 + received[0]
+    return status
+
+
+def _launch(args) -> int:
     try:
         launch(
             _main_reporting_errors,
@@ -105,11 +140,38 @@ def invoke_main(argv: Optional[List[str]] = None) -> int:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except SystemExit as exit_:  # one process: the error line is printed already
+    except SystemExit as exit_:  # one process: the error line is printed already, or it was preempted
         return exit_.code if isinstance(exit_.code, int) else 1
     except torch.multiprocessing.ProcessExitedException as error:  # a process printed its error and exited
         return error.exit_code if error.exit_code > 0 else 128 - error.exit_code  # killed: 128 + signal
     return 0
+
+
+@contextlib.contextmanager
+def _signals_passed_on(active: bool, received: List[int]) -> Iterator[None]:
+    """While launch() waits for the training processes it started, pass SIGTERM / SIGINT on to them.
+
+    A scheduler may signal only this process. Left to the default, it would end at once (SIGTERM)
+    or with a traceback (SIGINT) while the training processes still save their checkpoint; here it
+    waits for them and ends with their status. Processes that got the signal directly too see it
+    twice, which is the same as once. `received` collects the signals.
+    """
+    if not active:
+        yield
+        return
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Like detectron2's builtin datasets they live under $DETECTRON2_DATASETS (default ./datasets).
 `fmnist_coco_{train,val}` is the demo's dataset; `fmnist_coco_tiny_{train,val}` a small one
-for smoke tests.
+for smoke tests. Unlike detectron2's builtin datasets, importing a package does not register
+them: a script of your own calls `register_demo_datasets(cfg)` (tools/train_net.py and
+tools/fold_mabn.py do).
 """
 import os
 from typing import Dict
@@ -26,7 +28,19 @@ def demo_dataset_root(prefix: str = "fmnist_coco") -> str:
 
 
 def register_demo_datasets(cfg: CfgNode) -> bool:
-    """Build (main process, once) and register the demo datasets that cfg.DATASETS names."""
+    """Build (main process, once) and register the demo datasets that cfg.DATASETS names.
+
+    Call it once after loading a config that names `fmnist_coco_*` datasets (the configs in
+    configs/Demo/) and before building a data loader or evaluator, in every process: detectron2
+    knows only the datasets registered in its DatasetCatalog, and these are registered by this
+    call, not by `import mabn_d2`. Without it, DefaultTrainer stops with detectron2's "Dataset
+    'fmnist_coco_train' is not registered". Safe to call again; a config without demo datasets
+    is left alone. Returns whether the config names one.
+
+        from mabn_d2.data.builtin import register_demo_datasets
+        register_demo_datasets(cfg)
+        trainer = DefaultTrainer(cfg)
+    """
     names = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     used = [p for p in DEMO_DATASETS if {f"{p}_train", f"{p}_val"} & names]
     for prefix in used:

@@ -31,6 +31,7 @@ __all__ = [
     "RESNET_DEPTHS",
     "bn_to_mabn",
     "check_resnet_layout",
+    "check_values",
     "convert_checkpoint",
     "load_checkpoint_state",
     "torchvision_to_detectron2_names",
@@ -191,6 +192,30 @@ def check_resnet_layout(state: Mapping[str, torch.Tensor], source: str, path: st
     return depth
 
 
+def _value_problem(key: str, value: torch.Tensor) -> str:
+    """Why tensor `key` cannot start MABN training, or "" (integer tensors are counters: not checked)."""
+    if not value.is_floating_point():
+        return ""
+    non_finite = int(torch.count_nonzero(~torch.isfinite(value)))
+    if non_finite:
+        return f"{key} holds NaN or infinite values ({non_finite} of {value.numel()})"
+    if key.endswith("running_var") and bool((value < 0).any()):
+        return f"{key} is negative (smallest {float(value.min()):.4g}; a running variance is >= 0)"
+    return ""
+
+
+def check_values(state: Mapping[str, torch.Tensor], path: str = "the checkpoint") -> None:
+    """ConversionError naming the tensors that hold NaN or infinity, or a negative running_var.
+
+    MABN keeps running_var and the affine as they are, so such a value would train into NaN
+    losses and fold into a model that predicts nothing; it means the file is not a trained ResNet.
+    """
+    problems = [problem for problem in (_value_problem(k, v) for k, v in state.items()) if problem]
+    if problems:
+        more = f"; ... ({len(problems)} tensors in all)" if len(problems) > _SHOWN else ""
+        raise ConversionError(f"{path} holds values MABN cannot start from: {'; '.join(problems[:_SHOWN])}{more}")
+
+
 def bn_to_mabn(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], int]:
     """Every BN (weight, bias, running stats) becomes MABN state: zero mean, counters reset."""
     converted = dict(state)
@@ -225,9 +250,11 @@ def convert_checkpoint(input_path: str, output_path: str) -> Dict[str, object]:
     """Read, check, convert and write atomically a detectron2 checkpoint {"model": ...}. Returns a summary."""
     state, source = load_checkpoint_state(input_path)
     state, dropped = _without_classifier(_without_backbone_prefix(state))
+    as_read = state  # the file's names, for messages about values
     if source == "torchvision":
         state = torchvision_to_detectron2_names(state)
     depth = check_resnet_layout(state, source, input_path)
+    check_values(as_read, input_path)
     affine_only = sum(1 for k in state if k.endswith(".norm.weight") and k[: -len("weight")] + "running_var" not in state)
     state = {BACKBONE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     state, norms = bn_to_mabn(state)

@@ -22,8 +22,10 @@ from .errors import ExportError
 from .fold import FoldReport, fold_mabn
 from .frozen_config import frozen_config
 from .output_dir import EXPORT_FILES, FOLDED_CONFIG, FOLDED_WEIGHTS, FUSED_WEIGHTS, check_output_dir, staged_output_dir
-from .export_formats import EXPORT_FORMATS, ONNXRUNTIME_TOLERANCES, export_onnx, export_torchscript
-from .strict_load import build_and_load, check_state_dict_matches, save_checkpoint
+from .export_formats import (
+    EXPORT_CHECK_IMAGES, EXPORT_FORMATS, ONNXRUNTIME_TOLERANCES, TORCHSCRIPT_LOAD_NOTE, export_onnx, export_torchscript,
+)
+from .strict_load import build_and_load, check_finite, check_state_dict_matches, save_checkpoint
 from .verify import TOLERANCES, PredictionDiff, compare_predictions, raw_predictions, verification_inputs
 
 __all__ = ["FoldResult", "fold_checkpoint"]
@@ -61,7 +63,8 @@ def fold_checkpoint(
     get_cfg/build_model/DetectionCheckpointer). With `fuse`, also model_fused.pth (norms folded
     into convs; only for export, it matches no config) and the export uses the fused form.
     `verify` > 0 compares the original and folded predictions on that many images and raises
-    ExportError above `tolerances`. Every check runs before anything appears in `output_dir`,
+    ExportError above `tolerances`; the export is compared with eager on the same images
+    (`EXPORT_CHECK_IMAGES` without `verify`). Every check runs before anything appears in `output_dir`,
     which then holds exactly this run's files (a non-empty one needs `overwrite`, see
     `check_output_dir`).
     """
@@ -90,8 +93,11 @@ def fold_checkpoint(
     if fuse:
         forms["fused"], fused_report = fold_mabn(model, "fused")
         logger.info(fused_report.summary())
+    for name, form in forms.items():  # folding divides by sqrt(running_var + eps): it must not overflow
+        check_finite(form, f"the {name} model")
 
-    inputs = verification_inputs(build_cfg, max(verify, 1), images) if (verify > 0 or export) else []
+    num_images = verify if verify > 0 else EXPORT_CHECK_IMAGES
+    inputs = verification_inputs(build_cfg, num_images, images) if (verify > 0 or export) else []
     if export and not inputs:
         raise ExportError("cannot export: no input image (give --images or a non-empty DATASETS.TEST)")
     result = FoldResult(report=report, files=[])
@@ -119,7 +125,7 @@ def fold_checkpoint(
             if export:
                 deployed = forms["fused" if fuse else "frozen"]
                 path = os.path.join(stage, EXPORT_FILES[export])
-                result.exported[export] = _export_and_check(export, deployed, inputs[0], path, tolerances)
+                result.exported[export] = _export_and_check(export, deployed, inputs, path, tolerances)
                 names.append(EXPORT_FILES[export])
     except OSError as error:  # disk full, permissions changed, a folder that vanished
         where = error.filename or output_dir
@@ -128,11 +134,13 @@ def fold_checkpoint(
     return result
 
 
-def _export_and_check(fmt: str, model: nn.Module, item: dict, path: str, tolerances: Dict[str, float]) -> str:
+def _export_and_check(
+    fmt: str, model: nn.Module, inputs: Sequence[dict], path: str, tolerances: Dict[str, float]
+) -> str:
     if fmt == "torchscript":
-        diff, how = export_torchscript(model, item, path), "TorchScript (TracingAdapter) vs eager"
+        diff, how = export_torchscript(model, inputs, path), "TorchScript (TracingAdapter) vs eager"
     else:
-        exporter, diff = export_onnx(model, item, path)
+        exporter, diff = export_onnx(model, inputs, path)
         how = f"ONNX ({exporter} exporter), onnx.checker passed"
         tolerances = ONNXRUNTIME_TOLERANCES
         if diff is None:
@@ -141,4 +149,4 @@ def _export_and_check(fmt: str, model: nn.Module, item: dict, path: str, toleran
     problems = diff.exceeded(tolerances)
     if problems:
         raise ExportError(f"the exported {fmt} model does not reproduce eager: {'; '.join(problems)} ({diff})")
-    return f"{how}: {diff}"
+    return f"{how}: {diff}" + (f"; {TORCHSCRIPT_LOAD_NOTE}" if fmt == "torchscript" else "")

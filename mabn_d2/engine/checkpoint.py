@@ -1,6 +1,6 @@
 """Training checkpoints that survive a crash and a resume that checks what it resumes from.
 
-`MABNCheckpointer` is detectron2's DetectionCheckpointer with four changes:
+`MABNCheckpointer` is detectron2's DetectionCheckpointer with these changes:
 
 - every checkpoint is written to a temporary file beside it and renamed into place, and
   `last_checkpoint` is rewritten (the same way) only after the file it names is complete, so
@@ -8,16 +8,21 @@
 - each checkpoint holds every training process's own state (`mabn_d2.engine.rank_state`): saving is
   collective, all processes call `save` (the trainer's checkpoint hook runs on every process);
 - `resume_or_load(resume=True)` raises `CheckpointError` with one line naming the unreadable
-  file and the other checkpoints in the folder, instead of a bare EOFError;
+  file and the other checkpoints in the folder, instead of a bare EOFError; a save on a full
+  disk raises one naming the file and the checkpoint kept, instead of torch's zip-writer error;
+- each checkpoint carries a sha256 of its model state, which every load and `check_resume_point`
+  verify: a file whose bytes changed after it was written is named as damaged, not trained on;
 - MABN ring buffers missing from a checkpoint (weights converted from BatchNorm) are reported
   as expected, not mixed into the warning about keys that are really missing; so are the FPN
   and heads missing from a backbone converted by `tools/convert_pretrained.py`. What stays in
   the warning is a real gap.
 """
+import errno
+import hashlib
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,16 +35,20 @@ from .rank_state import capture_rank_state, restore_rank_state
 __all__ = [
     "CheckpointError",
     "MABNCheckpointer",
+    "MODEL_CHECKSUM_KEY",
     "RANK_STATES_KEY",
     "check_resume_point",
     "describe_unreadable",
+    "model_checksum",
     "read_checkpoint",
     "remove_stale_temporary_files",
+    "verify_checksum",
 ]
 
 logger = logging.getLogger(__name__)
 
 RANK_STATES_KEY = "rank_states"  # one entry per training process, in rank order
+MODEL_CHECKSUM_KEY = "model_sha256"  # model_checksum of "model", written by MABNCheckpointer.save
 CONVERTED_AUTHOR = "mabn_d2.convert"  # "__author__" of backbones written by tools/convert_pretrained.py
 CONVERTED_PREFIX = "backbone.bottom_up."  # what such a backbone holds; the rest of a detector starts anew
 LAST_CHECKPOINT = "last_checkpoint"
@@ -69,6 +78,38 @@ def describe_unreadable(path: str, error: BaseException) -> str:
         return f"cannot read checkpoint {path}: the file is truncated or damaged ({size} bytes; {what})"
     return (f"cannot read checkpoint {path}: not a PyTorch or pickle checkpoint "
             f"(it starts with {head!r}; {what})")
+
+
+def model_checksum(state: Mapping[str, Any]) -> str:
+    """sha256 of a model state: every key, dtype, shape and byte, in key order.
+
+    torch.load does not check what it reads: bytes overwritten inside a tensor load as other
+    numbers, and training then fails far from the cause (a NaN loss).
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        digest.update(key.encode())
+        if torch.is_tensor(value):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{flat.dtype}{tuple(value.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def verify_checksum(data: Mapping[str, Any], path: str) -> None:
+    """CheckpointError naming `path` when its model state differs from the checksum saved with it.
+
+    Checkpoints without a checksum (older ones, converted or foreign weights) are not checked.
+    """
+    expected = data.get(MODEL_CHECKSUM_KEY)
+    if expected is None or not isinstance(data.get("model"), Mapping):
+        return
+    if model_checksum(data["model"]) != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: its model state does not match the checksum "
+                              f"saved with it ({MODEL_CHECKSUM_KEY}); the file changed after it was written")
 
 
 def read_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
@@ -135,7 +176,7 @@ def check_resume_point(save_dir: str) -> Optional[str]:
         return None
     path = _named_checkpoint(save_dir)
     try:
-        read_checkpoint(path, mmap=True)
+        verify_checksum(read_checkpoint(path, mmap=True), path)
     except CheckpointError as error:
         raise CheckpointError(_cannot_resume(save_dir, path, str(error))) from error
     return path
@@ -174,6 +215,7 @@ class MABNCheckpointer(DetectionCheckpointer):
         if not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        data[MODEL_CHECKSUM_KEY] = model_checksum(data["model"])  # verified when loaded
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -181,8 +223,21 @@ class MABNCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        atomic_write(path, lambda f: self._serialize(data, f), durable=True)
-        self.tag_last_checkpoint(basename)
+        try:
+            atomic_write(path, lambda f: self._serialize(data, f), durable=True)
+            self.tag_last_checkpoint(basename)
+        except Exception as error:  # torch's writer reports a full disk as a RuntimeError chained to it
+            full = _disk_full(error)
+            if full is None:
+                raise
+            raise CheckpointError(f"{full} while saving {path}; {self._kept()}") from error
+
+    def _kept(self) -> str:
+        """What a failed save leaves in use: the checkpoint last_checkpoint names, if any."""
+        try:
+            return f"{_named_checkpoint(self.save_dir)} kept"
+        except (OSError, CheckpointError):
+            return f"no earlier checkpoint in {self.save_dir}"
 
     def _serialize(self, data: Dict[str, Any], file) -> None:
         torch.save(data, file)
@@ -223,9 +278,12 @@ class MABNCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
-            return super()._load_file(filename)
+            data = super()._load_file(filename)
         except Exception as error:  # noqa: BLE001  (every reading failure gets the same one-line report)
             raise CheckpointError(describe_unreadable(filename, error)) from error
+        verify_checksum(data, filename)
+        data.pop(MODEL_CHECKSUM_KEY, None)  # consumed here, not returned as extra data
+        return data
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._loading_converted_backbone = checkpoint.get("__author__") == CONVERTED_AUTHOR
@@ -250,6 +308,21 @@ class MABNCheckpointer(DetectionCheckpointer):
                 )
             others = [k for k in others if k.startswith(CONVERTED_PREFIX)]
         super()._log_incompatible_keys(incompatible._replace(missing_keys=others))
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_full(error: BaseException) -> Optional[str]:
+    """"no space left on device" (or the quota's words) when `error` or what it was chained to
+    is that OSError, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return _DISK_FULL[error.errno]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _ring_buffer_keys(model: torch.nn.Module) -> set:

@@ -9,9 +9,11 @@ TensorBoard through detectron2's writers):
 - `mabn/r_clipped_fraction`: the share of channels whose re-normalization factor r is at its clip;
 - `mabn/chi2_log_ratio_abs_median` and `mabn/chi2_log_ratio_median`: the median over layers and
   channels of |log(chi2_B / SMA)| and of the signed log ratio, chi2_B being the latest batch's
-  statistic (its ring-buffer row) and SMA the buffer's mean, what the layer divides by;
-- `mabn/nonfinite_skipped`: batches whose statistic was not finite and left the state unchanged,
-  summed over layers (layers count them on the device).
+  statistic (its ring-buffer row) and SMA the buffer's mean, what the layer divides by.
+
+The layers do not count the batches whose statistic was not finite (they leave the state
+unchanged and go on); such a count needs a device counter in both implementations of the step,
+and is not reported yet.
 
 Cost: the scalars are computed from the layers' state once per `period` iterations, one host
 read per period; between periods the hook reads only host integers (the layers' iteration counts),
@@ -49,7 +51,7 @@ def layer_phase(layer: MABN2d) -> int:
 def mabn_health_scalars(layers: List[MABN2d]) -> dict:
     """{name: float} of the `mabn/` scalars for these layers, from their state (one host read)."""
     phases = [layer_phase(layer) for layer in layers]
-    ratios, clipped, channels, nonfinite = [], [], 0, []
+    ratios, clipped, channels = [], [], 0
     for layer, phase in zip(layers, phases):
         filled = min(layer.iteration, layer.buffer_size)
         if filled == 0:
@@ -62,9 +64,6 @@ def mabn_health_scalars(layers: List[MABN2d]) -> dict:
             r = ((sma + layer.eps) / (layer.running_var.float() + layer.eps)).sqrt()
             clipped.append(((r <= 1.0 / layer.renorm_clip) | (r >= layer.renorm_clip)).sum())
         channels += layer.num_features
-        counter = getattr(layer, "nonfinite_batches", None)
-        if isinstance(counter, torch.Tensor):
-            nonfinite.append(counter.sum())
     scalars = {"mabn/phase": float(min(phases)) if phases else 0.0}
     if ratios:
         log_ratio = torch.cat(ratios)
@@ -73,10 +72,9 @@ def mabn_health_scalars(layers: List[MABN2d]) -> dict:
             finite.abs().median() if finite.numel() else log_ratio.new_tensor(float("nan")),
             finite.median() if finite.numel() else log_ratio.new_tensor(float("nan")),
             torch.stack(clipped).sum().float() / channels if clipped else log_ratio.new_tensor(0.0),
-            torch.stack(nonfinite).sum().float() if nonfinite else log_ratio.new_tensor(0.0),
         ]).tolist()  # the one host read
         scalars.update({"mabn/chi2_log_ratio_abs_median": values[0], "mabn/chi2_log_ratio_median": values[1],
-                        "mabn/r_clipped_fraction": values[2], "mabn/nonfinite_skipped": values[3]})
+                        "mabn/r_clipped_fraction": values[2]})
     return scalars
 
 

@@ -2,13 +2,19 @@
 
 - the evaluator by the dataset's evaluator_type (`mabn_d2.engine.evaluation`), as detectron2's train_net;
 - DATALOADER.SAMPLER_TRAIN honoured (exact resume with the default TrainingSampler);
-- weight decay of MABN / BRN affine parameters follows SOLVER.WEIGHT_DECAY_NORM like BN's;
+- weight decay of MABN / BRN affine parameters follows SOLVER.WEIGHT_DECAY_NORM like BN's (through
+  detectron2's own build_optimizer, which `import mabn_d2` teaches the two norms; see
+  `mabn_d2.modeling.optimizer_params`);
 - DDP works on CPU processes (gloo): no device_ids for CPU modules;
 - `--resume` continues exactly, on any number of processes: seeded, position-addressed data
   stream, and every process's own MABN state and RNG states in the checkpoint
   (`mabn_d2.engine.checkpoint.MABNCheckpointer`, which also writes checkpoints atomically and checks
   what a resume starts from);
-- a config is validated before anything is written to its OUTPUT_DIR.
+- a config is validated before anything is written to its OUTPUT_DIR;
+- MABN's health (`mabn/` scalars in metrics.json and TensorBoard, phase changes and the serving
+  backend in log.txt: `mabn_d2.engine.health.MABNHealthHook`);
+- SIGTERM / SIGINT during training save a checkpoint at the current iteration in every process
+  and stop with status 143 / 130 (`mabn_d2.engine.preemption`).
 """
 import logging
 import os
@@ -25,10 +31,12 @@ from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_mabn_config, long_renorm_warmup_message, validate_mabn_config
-from ..layers import BatchRenorm2d, MABN2d
+from ..config import add_mabn_config, float_keys_take_integers, long_renorm_warmup_message, validate_mabn_config
+from ..layers import MABN2d
 from .checkpoint import CheckpointError, MABNCheckpointer, read_checkpoint
 from .evaluation import build_evaluator_for_dataset
+from .health import MABNHealthHook
+from .preemption import PreemptionCheckpointer
 from .preflight import UsageError, check_device, check_norm_names, check_writable_dir, first_line
 from .rank_state import restore_rng_state
 from .train_stream import SeededStreamDataset, StreamPositionSampler
@@ -36,10 +44,10 @@ from .train_stream import SeededStreamDataset, StreamPositionSampler
 __all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "setup_cfg", "TrainingStreamState"]
 
 logger = logging.getLogger(__name__)
-_NORM_TYPES = (MABN2d, BatchRenorm2d)
 
 
 FINAL_CHECKPOINT = "model_final"  # what detectron2's PeriodicCheckpointer writes at MAX_ITER
+HEALTH_PERIOD = 20  # DefaultTrainer's PeriodicWriter period: the mabn/ scalars land in every write
 
 
 class TrainingStreamState:
@@ -60,26 +68,6 @@ class TrainingStreamState:
             self.dataset.seed = int(state["data_seed"])
         if "torch" in state:  # written by a single process before per-process states existed
             restore_rng_state(state)
-
-
-def _reassign_norm_weight_decay(groups: List[Dict], model: torch.nn.Module, weight_decay_norm: float,
-                                weight_decay_bias: Optional[float] = None) -> List[Dict]:
-    """Give MABN/BRN parameters the weight decay detectron2 gives BN's: SOLVER.WEIGHT_DECAY_NORM, except
-    that a "bias" keeps SOLVER.WEIGHT_DECAY_BIAS when that is set (detectron2 applies the bias override
-    after the norm one; its BIAS_LR_FACTOR already reached MABN's bias by name)."""
-    norm_params = {
-        id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
-        for name, p in m.named_parameters(recurse=False) if not (name == "bias" and weight_decay_bias is not None)
-    }
-    result = []
-    for group in groups:
-        norm = [p for p in group["params"] if id(p) in norm_params]
-        other = [p for p in group["params"] if id(p) not in norm_params]
-        if other:
-            result.append({**group, "params": other})
-        if norm:
-            result.append({**group, "params": norm, "weight_decay": weight_decay_norm})
-    return result
 
 
 class MABNTrainer(DefaultTrainer):
@@ -167,15 +155,21 @@ class MABNTrainer(DefaultTrainer):
             self.checkpointer.save(FINAL_CHECKPOINT, iteration=self.iter)
 
     def build_hooks(self) -> List[hooks.HookBase]:
-        """DefaultTrainer's hooks, with the checkpoint hook on every process, not only the main one.
+        """DefaultTrainer's hooks, with the checkpoint hook on every process, not only the main one,
+        and right after it the checkpoint on SIGTERM / SIGINT.
 
-        Saving is collective (each process contributes its own MABN and RNG state); the hook
-        sits where detectron2 puts it, before evaluation, on every process.
+        Saving is collective (each process contributes its own MABN and RNG state); the hooks
+        sit where detectron2 puts its checkpointer, before evaluation, on every process.
         """
         result = super().build_hooks()
         if not comm.is_main_process():
             evaluation = next((i for i, hook in enumerate(result) if isinstance(hook, hooks.EvalHook)), len(result))
             result.insert(evaluation, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        periodic = next(i for i, hook in enumerate(result) if isinstance(hook, hooks.PeriodicCheckpointer))
+        result.insert(periodic + 1, PreemptionCheckpointer(self.checkpointer))
+        # MABN's health scalars go into the storage before detectron2's writer (period 20) reads it.
+        writer = next((i for i, hook in enumerate(result) if isinstance(hook, hooks.PeriodicWriter)), len(result))
+        result.insert(writer, MABNHealthHook(period=HEALTH_PERIOD))
         return result
 
     def build_train_loader(self, cfg: CfgNode):
@@ -215,10 +209,9 @@ class MABNTrainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-        optimizer = d2_build_optimizer(cfg, model)
-        groups = _reassign_norm_weight_decay(optimizer.param_groups, model, cfg.SOLVER.WEIGHT_DECAY_NORM,
-                                             cfg.SOLVER.WEIGHT_DECAY_BIAS)
-        return type(optimizer)(groups, **optimizer.defaults)
+        """detectron2's build_optimizer: MABN / BRN parameters get BatchNorm2d's weight decay and LR
+        there once mabn_d2 is imported, so DefaultTrainer and this trainer train a config alike."""
+        return d2_build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
@@ -243,13 +236,15 @@ def setup_cfg(config_file: str, opts: List[str], args=None, check_output: bool =
     cfg = get_cfg()
     add_mabn_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        with float_keys_take_integers():  # `EPS: 0` means 0.0
+            cfg.merge_from_file(config_file)
     except Exception as error:  # missing file, bad YAML, unknown keys
         raise UsageError(f"cannot read config {config_file}: {first_line(error)}") from error
     try:
-        cfg.merge_from_list(list(opts))
+        with float_keys_take_integers():  # `MODEL.MABN.WARMUP_FRACTION -1` means -1.0
+            cfg.merge_from_list(list(opts))
     except Exception as error:  # unknown key, odd number of items, a value of the wrong type
-        raise UsageError(f"bad config override in {list(opts)}: {first_line(error)}") from error
+        raise UsageError(f"bad config override: {first_line(error)}") from error  # yacs names the key
     try:
         validate_mabn_config(cfg)
     except ValueError as error:

@@ -157,6 +157,29 @@ class MovingAverageNorm(HostIterationCounter):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Refuse NaN or infinite state (and a negative running_var), naming the key.
+
+        Such a value turns the layer's every output into NaN at the first forward, far from the
+        file that carried it; training itself never writes one (a non-finite batch is skipped).
+        A refused tensor keeps the layer's previous value.
+        """
+        problems = {}
+        for name in ("weight", "bias", "running_var") + tuple(self.ring_buffers):
+            problem = _state_problem(name, state_dict.get(prefix + name))
+            if problem:
+                problems[name] = problem
+        kept = {name: getattr(self, name).detach().clone() for name in problems}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        with torch.no_grad():
+            for name, value in kept.items():
+                getattr(self, name).copy_(value)
+        error_msgs.extend(f"{prefix}{name}: {problem}" for name, problem in problems.items())
+
     def _affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """weight and bias, read per training step without Module.__getattr__ (parameters, or
         constant buffers under CycleMABNList)."""
@@ -182,6 +205,18 @@ class MovingAverageNorm(HostIterationCounter):
             f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
             f"renorm_clip={self.renorm_clip}, eps={self.eps}"
         )
+
+
+def _state_problem(name: str, value: object) -> Optional[str]:
+    """Why a loaded MABN tensor `name` cannot be used, or None (not a tensor, meta: not checked)."""
+    if not torch.is_tensor(value) or value.is_meta or not value.is_floating_point():
+        return None
+    non_finite = int(torch.count_nonzero(~torch.isfinite(value)))
+    if non_finite:
+        return f"{non_finite} of {value.numel()} values are NaN or infinite; MABN state must be finite"
+    if name == "running_var" and bool((value < 0).any()):
+        return f"negative values (smallest {float(value.min()):.4g}); a running variance must be >= 0"
+    return None
 
 
 def frozen_batchnorm_from(norm: nn.Module, cls: type = FrozenBatchNorm2d) -> FrozenBatchNorm2d:

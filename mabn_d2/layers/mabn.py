@@ -10,6 +10,7 @@ two elementwise passes in the backward, the input as the only activation saved f
 No statistic ever leaves the device, so a step never synchronises with the host. On CUDA the
 same step runs on Triton kernels (`triton/`), chosen per step by `backend`.
 """
+import logging
 from typing import Optional, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .backend import refuse_graph_capture, use_triton
 from .base import MABNPhase, MovingAverageNorm, running_var_decay
+from .centering_check import ALLOWED, CHECKED, UncenteredInputError, input_centering_problem, uncentered_input_message
 from .channel_ops import (
     accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_sum_of_squares, channel_view,
     keep_finite,
@@ -25,6 +27,8 @@ from .triton.mabn import TritonMABNFunction, triton_mabn_unsupported_reason
 from .triton.probe import probe_triton_mabn
 
 __all__ = ["MABN2d", "MABNFunction", "mabn_inference"]
+
+logger = logging.getLogger(__name__)
 
 
 def mabn_inference(
@@ -126,10 +130,32 @@ class MABN2d(MovingAverageNorm):
     error naming the key, and the buffer stays zero: silently dropping a BatchNorm mean would
     change what the loaded network computes. `tools/convert_pretrained.py` turns BatchNorm
     checkpoints into MABN ones and says what that conversion approximates.
+
+    Centralization is enforced, not assumed: a layer that `prepare_mabn_model` did not place
+    behind a CenteredConv2d (`input_centering` None) checks at its first training step whether a
+    raw-weight convolution feeds it, and raises `UncenteredInputError` naming the fix if so
+    (see `centering_check`). A standalone layer fed data trains as before; eval never checks;
+    `mabn_d2.allow_uncentered(model)` is the explicit opt-out (``layer.allow_uncentered = True``
+    for one layer).
     """
 
     _version = 1
     ring_buffers = ("x2_buffer", "gz_buffer")
+    # How this layer's input is known to suit MABN: CENTERED / ALLOWED (set by prepare_mabn_model
+    # and allow_uncentered), CHECKED (its first training step), None (not yet known). Not state.
+    input_centering: Optional[str] = None
+
+    @property
+    def allow_uncentered(self) -> bool:
+        """Whether this layer may train behind a plain convolution (opted out of the centering check)."""
+        return self.input_centering == ALLOWED
+
+    @allow_uncentered.setter
+    def allow_uncentered(self, allowed: bool) -> None:
+        if allowed:
+            logger.warning(f"{type(self).__name__}({self.num_features}) may train behind a convolution that is not "
+                           "weight-centralized (allow_uncentered).")
+        self.input_centering = ALLOWED if allowed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -147,6 +173,8 @@ class MABN2d(MovingAverageNorm):
         iteration would change a guard and recompile. Eval (a frozen affine) stays compilable.
         """
         refuse_graph_capture(x, "MABN2d")
+        if self.input_centering is None:  # a class attribute read: the check runs until it passes once
+            self._check_input_centering(x)
         # Triton kernels on CUDA, public operations elsewhere; MABN_D2_BACKEND forces either (see backend).
         buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
         running_var = buffers["running_var"]
@@ -162,6 +190,19 @@ class MABN2d(MovingAverageNorm):
         )
 
     _training_step_outside_graph = torch.compiler.disable(_training_step)
+
+    def _check_input_centering(self, x: torch.Tensor) -> None:
+        """Refuse to train behind a raw-weight convolution (see `centering_check`).
+
+        Without gradients there is no autograd history to read, so the check waits for a step
+        that has one; the state is untouched when it raises.
+        """
+        if not torch.is_grad_enabled():
+            return
+        problem = input_centering_problem(x)
+        if problem is not None:
+            raise UncenteredInputError(uncentered_input_message(self, problem))
+        self.input_centering = CHECKED
 
     def _zero_mean(self) -> torch.Tensor:
         """A zero mean for eval's batch_norm call, allocated once per device and dtype, not per call.

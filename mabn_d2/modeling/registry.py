@@ -1,6 +1,6 @@
 """detectron2 glue: the NORM strings "MABN" and "BRN", and the MABN pass at every build.
 
-detectron2 is hooked in two places, each wrapped once (the wrapper keeps the original as
+detectron2 is hooked in three places, each wrapped once (the wrapper keeps the original as
 `__wrapped__`):
 
 - `get_norm`: "MABN" -> MABN2d, "BRN" -> BatchRenorm2d; every other value is delegated, and an
@@ -14,7 +14,12 @@ detectron2 is hooked in two places, each wrapped once (the wrapper keeps the ori
   `from detectron2.modeling import build_model`) build MABN models; a user module or `__main__`
   keeps what it imported. The documented entry points are `mabn_d2.build_model(cfg)` and
   `MABNTrainer`; a reference to detectron2's `build_model` taken before `import mabn_d2` builds
-  without the pass (then call `prepare_mabn_model` on its result).
+  without the pass, and the model's first training step then refuses to run until
+  `prepare_mabn_model` (or the `allow_uncentered` opt-out) is called on it.
+- `get_default_optimizer_params`: MABN / BRN parameters get the weight decay BatchNorm2d's get
+  (`optimizer_params`). `build_optimizer`, and so DefaultTrainer and MABNTrainer, look the
+  function up in `detectron2.solver.build` at each call, so they all see the wrapper; a
+  reference taken before `import mabn_d2` (a user's import, a LazyConfig loaded earlier) does not.
 
 Everything else MABN needs (centralized convolutions, frozen stages, per-level statistics in
 RetinaNet's head) is the explicit pass `mabn_d2.prepare_mabn_model`. Models built another way
@@ -36,10 +41,12 @@ from detectron2.config import CfgNode
 from detectron2.layers import batch_norm as _d2_batch_norm
 from detectron2.modeling.meta_arch import build as _d2_build
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.solver import build as _d2_solver_build
 from torch import nn
 
 from ..config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
 from ..layers import BatchRenorm2d, MABN2d
+from .optimizer_params import extend_get_default_optimizer_params
 from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
 
 __all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context",
@@ -256,18 +263,22 @@ def _rebind(pair: Tuple[Callable, Callable], modules: Iterable[Any]) -> None:
 
 
 def register_norms() -> None:
-    """Install the two hooks described in the module docstring; calling it again changes nothing
+    """Install the three hooks described in the module docstring; calling it again changes nothing
     but pointing late bindings at them.
 
     Called on ``import mabn_d2``. Every NORM value other than "MABN" / "BRN" keeps its
     detectron2 behaviour, except that an unknown name is a ValueError listing the valid ones.
     """
+    hooks = (
+        (_d2_batch_norm, "get_norm", _extend_get_norm),
+        (_d2_build, "build_model", _build_and_prepare),
+        (_d2_solver_build, "get_default_optimizer_params", lambda fn: _mark(extend_get_default_optimizer_params(fn))),
+    )
     with _LOCK:
         loaded: List[Tuple[str, Any]] = list(sys.modules.items())
-        get_norm = _hook_function(_d2_batch_norm, "get_norm", _extend_get_norm)
-        _rebind(get_norm, (module for name, module in loaded if _is_detectron2_module(name)))
-        build_model = _hook_function(_d2_build, "build_model", _build_and_prepare)
-        _rebind(build_model, (module for name, module in loaded if _is_detectron2_module(name)))
+        for module, name, make_hook in hooks:
+            pair = _hook_function(module, name, make_hook)
+            _rebind(pair, (m for module_name, m in loaded if _is_detectron2_module(module_name)))
 
 
 def build_model(cfg: CfgNode) -> nn.Module:

@@ -309,8 +309,10 @@ def host_sync_rows(device: torch.device, iterations: int = SHORT_ITERATIONS,
 # --------------------------------------------------------------------------- autocast
 def check_autocast(device: torch.device, dtype: torch.dtype, name: str, layer: torch.nn.Module, iterations: int) -> Row:
     """conv -> layer under autocast: output in `dtype`, finite everywhere, float32 state, chi2 as in float32."""
+    from mabn_d2.layers import CenteredConv2d
+
     torch.manual_seed(3)
-    conv = torch.nn.Conv2d(3, INPUT_SHAPE[1], 3, padding=1).to(device)
+    conv = CenteredConv2d(3, INPUT_SHAPE[1], 3, padding=1).to(device)  # MABN refuses a raw-weight convolution
     layer = layer.to(device)
     problems: List[str] = []
     chi2_error = 0.0

@@ -18,7 +18,7 @@ def chi2_edges(schedule, sma_start: int, buffer_size: int = 16) -> List[int]:
 
 
 def export_arm_record(run_dir: str, arm: str, seed: int, schedule, virtual_gpus: int = 8,
-                      opts: Sequence[str] = ()) -> Dict:
+                      opts: Sequence[str] = (), finished: bool = True) -> Dict:
     """A committed record of one finished arm run: curve, loss over the last quarter, the chi2 windows
     (chi2_sma: the batch statistic against MABN's moving average; chi2_step: against the step's pooled
     statistic, the control), and the recipe it trained under."""
@@ -36,7 +36,7 @@ def export_arm_record(run_dir: str, arm: str, seed: int, schedule, virtual_gpus:
         [steps - steps // 4, steps], [spec.config, *arm_config(spec, schedule, opts)], setting=setting,
         recipe=schedule.recipe, steps=steps, jitter=spec.jitter_for(schedule),
         mabn_phases={"moving_averages_from": sma_start, "renorm_from": renorm_start} if spec.is_mabn() else None,
-        chi2_sma=chi2.get("sma"), chi2_step=chi2.get("step"))
+        chi2_sma=chi2.get("sma"), chi2_step=chi2.get("step"), finished=finished)
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -57,7 +57,8 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
         earlier = "; ".join((f"seed {r['seed']} " if len(runs) > 1 else "")
                             + f"{step}: {r['curve'][step]['bbox/AP']:.1f} / {r['curve'][step]['segm/AP']:.1f}"
                             for r in runs for step in sorted(r["curve"], key=int)[:-1])
-        losses = [r["loss_windows"]["total_loss"][-1] for r in runs if r["loss_windows"]]
+        losses = [r["loss_windows"]["total_loss"][-1] for r in runs
+                  if r["loss_windows"] and r["loss_windows"]["total_loss"][-1] is not None]
         edges = runs[0]["loss_windows"]["edges"] if runs[0]["loss_windows"] else None
         lag = runs[0].get("chi2_sma") or runs[0].get("chi2_lag") or {}
         lag_cell = _chi2_cell(lag)
@@ -70,7 +71,8 @@ def paper_setting_table(records: Sequence[Dict]) -> str:
             (f"{statistics.mean(losses):.3f} (steps {edges[-2]}-{edges[-1]})" if losses else "–"),
             lag_cell + (f" [seed {runs[0]['seed']}]" if lag and len(runs) > 1 else ""),
         ] + ([control_cell] if with_control else []))
-    header = ["arm", "seeds", "final box / mask AP", "per seed", "earlier evaluations, step: box / mask AP",
+    final = "final" if all(r.get("finished", True) for r in records) else "last evaluated"
+    header = ["arm", "seeds", f"{final} box / mask AP", "per seed", "earlier evaluations, step: box / mask AP",
               "mean training loss", "chi2 scatter (bias) against the SMA, all MABN layers"]
     if with_control:
         header.append("control: against the step's pooled statistic, all norm layers")
@@ -99,5 +101,5 @@ def chi2_layer_table(records: Sequence[Dict]) -> str:
                              *[f"{c[0]:.2f} ({c[1]:+.2f})" if c else "–" for c in cells]])
     if not rows:
         return ""
-    return markdown_table(["arm", "steps", "layer", "|log(chi2_B / SMA)| (signed)",
-                           "|log(chi2_B / chi2_step)| (signed), control"], rows)
+    return markdown_table(["arm", "steps", "layer", "abs log(chi2_B / SMA) (signed)",
+                           "abs log(chi2_B / chi2_step) (signed), control"], rows)

@@ -48,6 +48,7 @@ from ..engine.atomic_io import atomic_write, atomic_write_json, atomic_write_tex
 from .ablations import MABNCentered2d, MABNForwardOnly2d
 from ..layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from ..layers.hyperparams import MABN_HYPERPARAMETERS, defaults
+from ..modeling.prepare import allow_uncentered
 from .stats import BatchStatsRecorder
 
 __all__ = [
@@ -200,7 +201,10 @@ def build_model(norm_name: str, config: StudyConfig) -> SmallResNet:
     spec = NORMS[norm_name]
     conv = CenteredConv2d if spec.centered_conv else Conv2d
     stem_conv = conv if config.center_stem else Conv2d
-    return SmallResNet(lambda c: spec.build(c, config), conv, stem_conv, config.widths, config.blocks_per_stage)
+    model = SmallResNet(lambda c: spec.build(c, config), conv, stem_conv, config.widths, config.blocks_per_stage)
+    if spec.centered_conv and not config.center_stem:
+        allow_uncentered(model.stem)  # the ablation: MABN behind a plain stem convolution, on purpose
+    return model
 
 
 # --------------------------------------------------------------------------- data

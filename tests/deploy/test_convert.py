@@ -3,6 +3,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -209,6 +210,41 @@ def test_tool_reports_one_line_and_writes_nothing(torchvision_r50, tmp_path, cap
     assert not (tmp_path / "out.pth").exists()
     assert tool.main(["--input", str(good), "--output", str(tmp_path / "out.pth")]) == 0
     assert '"depth": 50' in capsys.readouterr().out and (tmp_path / "out.pth").is_file()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("layer1.0.bn1.running_var", float("nan"), r"layer1\.0\.bn1\.running_var holds NaN or infinite values \(1 of 64\)"),
+    ("layer2.1.bn2.running_var", -0.5,
+     r"layer2\.1\.bn2\.running_var is negative \(smallest -0\.5; a running variance is >= 0\)"),
+    ("layer3.0.conv1.weight", float("inf"),
+     r"layer3\.0\.conv1\.weight holds NaN or infinite values \(1 of 294912\)"),  # 256 x 128 x 3 x 3
+    ("bn1.bias", float("-inf"), r"bn1\.bias holds NaN or infinite values \(1 of 64\)"),
+])
+def test_tool_refuses_non_finite_weights_and_negative_variance(tmp_path, capsys, key, value, expected):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    with torch.no_grad():
+        state[key].view(-1)[0] = value
+    source = _save(state, tmp_path / "resnet18.pth")
+    output = tmp_path / "out" / "R-18-mabn.pth"
+    assert _load_tool().main(["--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"convert_pretrained: error: {source} holds values MABN cannot "
+                                                   "start from: "), err
+    assert re.search(expected, err), err
+    assert not output.parent.exists()
+
+
+def test_non_finite_values_are_all_counted_and_the_first_named(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    bad = [k for k in state if k.endswith("running_var")][:6]
+    for key in bad:
+        state[key][:2] = float("nan")
+    source = _save(state, tmp_path / "resnet18.pth")
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(str(source), str(tmp_path / "never.pth"))
+    message = str(error.value)
+    assert all(f"{key} holds NaN or infinite values (2 of" in message for key in bad[:4]) and bad[4] not in message
+    assert message.endswith("; ... (6 tensors in all)") and not (tmp_path / "never.pth").exists()
 
 
 def test_finetune_config_comment_names_only_existing_options():

@@ -7,6 +7,7 @@ mabn_d2.
 """
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -492,10 +493,98 @@ def test_checkpoint_missing_keys_are_named(mask_rcnn, tmp_path):
     _assert_no_output(tmp_path / "out")
 
 
+def test_tool_batchnorm_weights_name_the_non_zero_mean_not_a_damaged_file(saved, tmp_path, capsys):
+    folder, _ = saved
+    torch.manual_seed(0)
+    bn_state = build_model(tiny_cfg(norm="BN")).state_dict()
+    for key, value in bn_state.items():
+        if key.endswith("running_mean"):
+            value.normal_()  # trained BatchNorm statistics
+    weights = tmp_path / "bn.pth"
+    torch.save({"model": bn_state}, weights)
+    rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", weights, "--output-dir", tmp_path / "out")
+    line = _error_line(err)
+    assert rc == 1 and f"checkpoint {weights} does not fit the model of config {folder / 'config.yaml'}: " in line
+    # The layer's whole refusal, advice included, and no claim that the file is damaged.
+    assert re.search(r": backbone\.\S+\.norm\.running_mean: MABN2d's mean is zero by definition, got a non-zero "
+                     r"running_mean \(largest magnitude [\d.]+\); convert BatchNorm checkpoints with "
+                     r"tools/convert_pretrained\.py \(mabn_d2\.deploy\.convert\.bn_to_mabn\) instead; ", line), line
+    assert "damaged" not in line and "cannot read" not in line
+    _assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("key, expected", [
+    # MABN state: refused by the layer as it loads.
+    ("backbone.bottom_up.res3.0.conv2.norm.running_var",
+     r"does not fit the model of .*: backbone\.bottom_up\.res3\.0\.conv2\.norm\.running_var: 1 of 128 values are NaN"),
+    # Any other parameter: refused before folding.
+    ("roi_heads.box_predictor.cls_score.weight",
+     r"holds NaN or infinite values in roi_heads\.box_predictor\.cls_score\.weight \(1 of 256\)"),
+])
+def test_tool_refuses_non_finite_weights_naming_the_key(saved, tmp_path, capsys, key, expected):
+    folder, _ = saved
+    state = torch.load(folder / "model.pth", weights_only=True)["model"]
+    state[key].view(-1)[0] = float("nan")
+    weights = tmp_path / "nan.pth"
+    torch.save({"model": state}, weights)
+    rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", weights, "--output-dir", tmp_path / "out")
+    line = _error_line(err)
+    assert rc == 1 and re.search(expected, line), line
+    assert str(weights) in line and "damaged" not in line
+    _assert_no_output(tmp_path / "out")
+
+
+def test_a_training_checkpoint_changed_after_saving_is_refused_as_damaged(mask_rcnn, tmp_path):
+    from mabn_d2.engine.checkpoint import MABNCheckpointer
+
+    cfg, model = mask_rcnn
+    MABNCheckpointer(model, str(tmp_path)).save("model_final", iteration=4)
+    weights = tmp_path / "model_final.pth"
+    data = bytearray(weights.read_bytes())
+    weight = model.roi_heads.box_predictor.cls_score.weight.detach().numpy().tobytes()  # not a buffer: saved once
+    data[data.index(weight) + 2] ^= 0x40
+    weights.write_bytes(bytes(data))
+    torch.load(weights, weights_only=True)  # loads: only the checksum tells
+    with pytest.raises(ExportError, match=rf"^checkpoint {re.escape(str(weights))} is damaged: its model state does "
+                                          r"not match the checksum saved with it"):
+        fold_checkpoint(cfg, str(weights), str(tmp_path / "out"))
+    _assert_no_output(tmp_path / "out")
+
+
+def test_fused_weights_that_overflow_are_refused_before_writing(mask_rcnn, saved, tmp_path):
+    """Finite weights can fold into infinite ones: weight / sqrt(running_var + eps) overflows float32."""
+    cfg, _ = mask_rcnn
+    folder, _ = saved
+    state = torch.load(folder / "model.pth", weights_only=True)["model"]
+    state["backbone.bottom_up.res2.0.conv1.norm.weight"].fill_(3e38)  # finite, as is a zero variance
+    state["backbone.bottom_up.res2.0.conv1.norm.running_var"].zero_()
+    weights = tmp_path / "huge.pth"
+    torch.save({"model": state}, weights)
+    with pytest.raises(ExportError, match=r"the fused model holds NaN or infinite values in "
+                                          r"backbone\.bottom_up\.res2\.0\.conv1\.weight \("):
+        fold_checkpoint(cfg, str(weights), str(tmp_path / "out"), fuse=True)
+    _assert_no_output(tmp_path / "out")
+
+
+def test_tool_takes_integers_for_float_keys(saved, tmp_path, capsys):
+    folder, _ = saved
+    missing = tmp_path / "nope.pth"
+    rc, err = _run_tool(capsys, "--config-file", folder / "config.yaml", "--weights", missing, "--output-dir",
+                        tmp_path / "out", "MODEL.MABN.RENORM_CLIP", "5", "MODEL.MABN.WARMUP_FRACTION", "-1")
+    assert rc == 1 and _error_line(err) == f"fold_mabn: error: checkpoint not found: {missing}"  # past the config
+
+
 def test_tool_missing_config(tmp_path, capsys):
     rc, err = _run_tool(capsys, "--config-file", tmp_path / "no.yaml", "--weights", "w.pth", "--output-dir", tmp_path / "out")
     assert rc == 1 and f"cannot read config {tmp_path / 'no.yaml'}" in err
     _assert_no_output(tmp_path / "out")
+
+
+def _error_line(err: str) -> str:
+    """The tool's one error line (stderr may also hold log records of the loading)."""
+    lines = [line for line in err.splitlines() if line.startswith("fold_mabn: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def _one_line(err: str) -> str:

@@ -40,8 +40,11 @@ class _Net(nn.Module):
 
 
 def _model():
+    """Prepared: conv1 becomes a CenteredConv2d and MABN knows it (a compiled graph hides the conv)."""
+    from mabn_d2 import prepare_mabn_model
+
     torch.manual_seed(0)
-    return _Net()
+    return prepare_mabn_model(_Net())
 
 
 def test_compiled_training_equals_eager_in_every_phase_with_bounded_compiles():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mabn_d2.layers import MABN2d, MABNFunction, mabn_phase
+from mabn_d2.layers import CenteredConv2d, MABN2d, MABNFunction, mabn_phase
 from mabn_d2.layers.reference import ReferenceMABN
 
 DEFAULTS = dict(buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
@@ -229,7 +229,7 @@ def test_several_calls_before_one_backward():
 
 def test_autocast_keeps_float32_statistics():
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    conv = CenteredConv2d(3, 8, 3, padding=1)  # MABN refuses a raw-weight convolution (centering_check)
     layer = MABN2d(8)
     x = torch.randn(2, 3, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -306,6 +306,29 @@ def test_loading_a_non_zero_mean_is_refused_naming_the_key(strict):
     with pytest.raises(RuntimeError, match=r"1\.running_mean.*zero by definition"):
         model.load_state_dict(state, strict=strict)
     assert torch.equal(model[1].running_mean, torch.zeros(4)), "the refused mean must not stay in the layer"
+
+
+@pytest.mark.parametrize("key, index, bad, needle", [
+    ("running_var", (2,), float("nan"), "1 of 4 values are NaN or infinite"),
+    ("running_var", (0,), -0.25, r"negative values \(smallest -0\.25\)"),
+    ("x2_buffer", (1, 3), float("inf"), "1 of 64 values are NaN or infinite"),
+    ("gz_buffer", (0, 0), float("-inf"), "1 of 64 values are NaN or infinite"),
+    ("weight", (1,), float("nan"), "1 of 4 values are NaN or infinite"),
+    ("bias", (3,), float("inf"), "1 of 4 values are NaN or infinite"),
+])
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_non_finite_state_is_refused_naming_the_key(key, index, bad, needle, strict):
+    model = torch.nn.Sequential(torch.nn.Identity(), MABN2d(4))
+    source = MABN2d(4)
+    with torch.no_grad():
+        source.running_var.uniform_(0.5, 2.0)
+        source.x2_buffer.uniform_(0.5, 2.0)
+    state = {f"1.{k}": v.clone() for k, v in source.state_dict().items()}
+    state[f"1.{key}"][index] = bad
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=rf"1\.{key}: {needle}"):
+        model.load_state_dict(state, strict=strict)
+    assert torch.equal(model.state_dict()[f"1.{key}"], before[f"1.{key}"]), "the refused value must not stay"
 
 
 def test_loading_a_zero_mean_batchnorm_state_works():

@@ -13,7 +13,7 @@ from mabn_d2.research.detection_study import (
     METRICS, VARIANTS, collect_results, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
     run_detection_study, training_loss_table,
 )
-from mabn_d2.layers import MABN2d
+from mabn_d2.layers import CenteredConv2d, MABN2d
 from mabn_d2.modeling.precise_stats import update_mabn_running_var
 from mabn_d2.research.reestimation import evaluation_records
 
@@ -82,7 +82,7 @@ def test_variants_name_existing_configs_and_sources():
 class _TwoLayerNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv = CenteredConv2d(2, 3, 3, padding=1)
         self.norm1 = MABN2d(3, buffer_size=2, warmup_iters=0, renorm_warmup_iters=0)
         self.norm2 = MABN2d(3, buffer_size=2, warmup_iters=0, renorm_warmup_iters=0)
 

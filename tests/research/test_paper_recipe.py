@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_d2.config import add_mabn_config, mabn_kwargs_from_cfg
-from mabn_d2.layers import MABN2d
+from mabn_d2.layers import CenteredConv2d, MABN2d
 from mabn_d2.research.paper_setting import (
     ARMS, Chi2Recorder, MicroBatchTrainer, arm_config, official_schedule, summarize_chi2, variant_schedule,
 )
@@ -101,7 +101,7 @@ class _Net(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv1 = CenteredConv2d(2, 3, 3, padding=1)
         self.mabn = MABN2d(3, buffer_size=2, warmup_iters=2, renorm_warmup_iters=100)
         self.conv2 = nn.Conv2d(3, 3, 1)
         self.bn = nn.BatchNorm2d(3)
