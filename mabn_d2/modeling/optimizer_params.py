@@ -19,7 +19,7 @@ from torch import nn
 from ..layers import BatchRenorm2d, MABN2d
 from .cycle import CycleMABNList
 
-__all__ = ["NORM_PARAMETER_OWNERS", "extend_get_default_optimizer_params"]
+__all__ = ["NORM_PARAMETER_OWNERS", "extend_get_default_optimizer_params", "norm_weight_decay"]
 
 # Modules whose own parameters are a norm's affine: detectron2 would call them norm parameters.
 NORM_PARAMETER_OWNERS = (MABN2d, BatchRenorm2d, CycleMABNList)
