@@ -16,6 +16,7 @@ Keys on one side only are not problems: converted backbones lack the FPN and the
 BatchNorm weights lack MABN's ring buffers (MABNCheckpointer reports both as expected). A file
 that shares no key at all with the model is one.
 """
+import logging
 import os
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import parse_qs, urlparse
@@ -49,7 +50,12 @@ def model_layout(cfg: CfgNode) -> ModelLayout:
     cpu = cfg.clone()
     cpu.defrost()
     cpu.MODEL.DEVICE = "cpu"
-    model = build_model(cpu)
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # a throw-away model: its build says nothing before the run starts
+    try:
+        model = build_model(cpu)
+    finally:
+        logging.disable(previous)
     mabn_state, rings, means = set(), set(), []
     for prefix, module in model.named_modules():
         if not isinstance(module, MovingAverageNorm):
