@@ -144,11 +144,16 @@ def final_metrics(run_dir: str) -> Optional[Dict[str, float]]:
 
 
 def _record_commit(run_dir: str, repo_root: str) -> None:
-    """The commit of the code a run starts from, in run_dir/code_commit.txt (docs/results.md cites it)."""
+    """The commit of the code a run starts (or resumes) from, appended to run_dir/code_commit.txt
+    when it differs from the last one, so a run resumed on newer code names every commit it ran at."""
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root, capture_output=True, text=True)
-    if result.returncode == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write_text(os.path.join(run_dir, "code_commit.txt"), result.stdout)
+    if result.returncode != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "code_commit.txt")
+    commits = open(path).read().split() if os.path.exists(path) else []
+    if not commits or commits[-1] != result.stdout.strip():
+        atomic_write_text(path, "\n".join([*commits, result.stdout.strip()]) + "\n")
 
 
 def _train(run_dir: str, variant: Variant, seed: int, eval_period: int, opts: Sequence[str], repo_root: str,

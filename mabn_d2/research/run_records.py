@@ -73,10 +73,14 @@ def loss_windows(metrics_json: str, edges: Sequence[int]) -> Optional[Dict]:
 def record_from_run(run_dir: str, study: str, variant: str, seed: int, description: str,
                     curve: Dict[int, Dict[str, float]], edges: Sequence[int], config_opts: Sequence[str],
                     **extra) -> Dict:
-    """A record of a finished detectron2 run folder (its metrics.json, code_commit.txt, wall_time.txt)."""
+    """A record of a finished detectron2 run folder (its metrics.json, code_commit.txt, wall_time.txt).
+
+    `commit` names every commit the run trained at, joined by "+" when it was resumed on newer code.
+    """
     commit_path = os.path.join(run_dir, "code_commit.txt")
     wall_path = os.path.join(run_dir, "wall_time.txt")
-    commit = open(commit_path).read().strip()[:7] if os.path.exists(commit_path) else None
+    # a run resumed on newer code trained at several commits: "first+second"
+    commit = ("+".join(c[:7] for c in open(commit_path).read().split()) or None) if os.path.exists(commit_path) else None
     wall = (round(sum(float(x) for x in open(wall_path).read().split()) / 60, 1)
             if os.path.exists(wall_path) else None)
     record = {

@@ -118,3 +118,22 @@ def test_virtual_gpus_runs_the_paper_setting_and_writes_its_records(tmp_path, mo
     assert "| BN2 | 3 | 5.0 / 4.0 |" in report
     with pytest.raises(SystemExit, match="unknown arms"):
         tool.main(["--virtual-gpus", "8", "--variants", "MABN_paper_warmups"])
+
+
+def test_a_run_resumed_on_newer_code_names_every_commit_it_trained_at(tmp_path, monkeypatch):
+    from mabn_d2.research import detection_study
+
+    heads = iter(["a0e7379\n", "a0e7379\n", "dea88a1\n"])
+
+    class _Result:
+        returncode = 0
+
+        def __init__(self):
+            self.stdout = next(heads)
+
+    monkeypatch.setattr(detection_study.subprocess, "run", lambda *a, **k: _Result())
+    for _ in range(3):  # started, resumed at the same commit, resumed at a newer one
+        detection_study._record_commit(str(tmp_path), ".")
+    assert (tmp_path / "code_commit.txt").read_text().split() == ["a0e7379", "dea88a1"]
+    record = record_from_run(str(tmp_path), "s", "BN", 0, "d", {5: {"bbox/AP": 1.0, "segm/AP": 2.0}}, [0, 6], [])
+    assert record["commit"] == "a0e7379+dea88a1"
