@@ -11,23 +11,20 @@ at those weights (`update_mabn_running_var`) and evaluates again, which separate
 train/eval mismatch from what the weights learned.
 """
 import dataclasses
-import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from ..engine.atomic_io import atomic_write, atomic_write_text
-from .benchmarking import markdown_table
+from ..engine.atomic_io import atomic_write_text
 from .recipe import official_schedule
 from .reestimation import evaluation_records
 
 __all__ = [
     "Variant", "VARIANTS", "DEMO_NORM_CONFIGS", "METRICS", "evaluation_curve", "final_metrics",
-    "run_detection_study", "collect_results", "results_table", "curves_table", "plot_curves", "training_loss_table",
+    "run_detection_study",
 ]
 
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
@@ -206,115 +203,7 @@ def run_detection_study(output_dir: str, variants: Sequence[str], seeds: Sequenc
     return results
 
 
-def collect_results(output_dir: str, variants: Sequence[str], seeds: Sequence[int]
-                    ) -> Dict[str, Dict[int, Dict[int, Dict[str, float]]]]:
-    """{variant: {seed: evaluation curve}} of the finished runs among (variants x seeds); trains nothing."""
-    results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]] = {}
-    for name in variants:
-        for seed in seeds:
-            run_dir = os.path.join(output_dir, f"{name}_seed{seed}")
-            source = VARIANTS[name].reestimate
-            finished = (final_metrics(os.path.join(output_dir, f"{source}_seed{seed}")) is not None and
-                        bool(evaluation_curve(run_dir))) if source else final_metrics(run_dir) is not None
-            if finished:
-                results.setdefault(name, {})[seed] = evaluation_curve(run_dir)
-    return results
-
-
 def _append_wall_time(run_dir: str, seconds: float) -> None:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "wall_time.txt"), "a") as f:
         f.write(f"{seconds:.0f}\n")
-
-
-def _final(curve: Dict[int, Dict[str, float]]) -> Dict[str, float]:
-    return curve[max(curve)]
-
-
-def results_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]]) -> str:
-    """Final metrics per variant: mean ± sample std over seeds, and the per-seed box/mask AP."""
-    rows = []
-    for name, by_seed in results.items():
-        finals = {seed: _final(curve) for seed, curve in by_seed.items() if curve}
-        row = [name, ", ".join(str(s) for s in finals)]
-        for key in METRICS:
-            values = [m[key] for m in finals.values()]
-            mean = statistics.mean(values)
-            row.append(f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}")
-        row.append("; ".join(f"{m['bbox/AP']:.1f} / {m['segm/AP']:.1f}" for m in finals.values()))
-        rows.append(row)
-    return markdown_table(["variant", "seeds", *METRICS, "per seed box / mask AP"], rows)
-
-
-def curves_table(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], seed: int = 0) -> str:
-    """Box / mask AP at every evaluated iteration, one row per variant (one seed)."""
-    curves = {name: by_seed[seed] for name, by_seed in results.items() if by_seed.get(seed)}
-    iterations = sorted({it for curve in curves.values() for it in curve})
-    rows = []
-    for name, curve in curves.items():
-        cells = [f"{curve[it]['bbox/AP']:.1f} / {curve[it]['segm/AP']:.1f}" if it in curve else "–"
-                 for it in iterations]
-        rows.append([name, *cells])
-    return markdown_table(["variant", *[f"it. {it}" for it in iterations]], rows)
-
-
-def training_loss_table(output_dir: str, variants: Sequence[str], seed: int = 0, windows: int = 4,
-                        edges: Optional[Sequence[int]] = None, seeds: Optional[Sequence[int]] = None) -> str:
-    """Mean total_loss of each trained run over windows of its schedule: `windows` equal ones, or
-    between the iterations in `edges` (e.g. the LR warm-up, the MABN phases); one row per run of
-    `seeds` (default: `seed` only).
-
-    Shows whether a variant learns more slowly (higher training loss) or only evaluates worse.
-    """
-    rows, header = [], []
-    runs = [(name, s) for name in variants for s in (seeds if seeds is not None else [seed])]
-    for name, run_seed in runs:
-        if VARIANTS[name].reestimate:
-            continue
-        run_dir = os.path.join(output_dir, f"{name}_seed{run_seed}")
-        max_iter = _max_iter(run_dir)
-        path = os.path.join(run_dir, "metrics.json")
-        if not max_iter or not os.path.exists(path) or final_metrics(run_dir) is None:
-            continue  # not started or not finished
-        losses = []
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line) if line.strip() else {}
-                if "total_loss" in record:
-                    losses.append((int(record["iteration"]), float(record["total_loss"])))
-        bounds = list(edges) if edges else [round(max_iter * k / windows) for k in range(windows + 1)]
-        header = [f"it. {a}-{b}" for a, b in zip(bounds, bounds[1:])]
-        cells = []
-        for a, b in zip(bounds, bounds[1:]):
-            window = [loss for it, loss in losses if a <= it < b]
-            cells.append(f"{statistics.mean(window):.3f}" if window else "–")
-        rows.append([name if seeds is None else f"{name} (seed {run_seed})", *cells])
-    return markdown_table(["variant", *header], rows)
-
-
-def plot_curves(results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]], path: str, seed: int = 0) -> str:
-    """One PNG: box AP and mask AP against iteration, a line per variant (one seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
-    for name, by_seed in results.items():
-        curve = by_seed.get(seed)
-        if not curve:
-            continue
-        iterations = sorted(curve)
-        style = "--" if VARIANTS.get(name, Variant("")).reestimate else ("-" if name.startswith("MABN") else ":")
-        for ax, key in zip(axes, ("bbox/AP", "segm/AP")):
-            ax.plot(iterations, [curve[it][key] for it in iterations], style, marker="o", label=name)
-    for ax, title in zip(axes, ("box AP", "mask AP")):
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(title)
-        ax.set_title(f"{title} on fmnist_coco_val (seed {seed})")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    return path

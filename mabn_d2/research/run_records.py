@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..engine.atomic_io import atomic_write_text
 
-__all__ = ["RECORD_KEYS", "load_records", "write_record", "record_from_run", "loss_windows", "records_to_results"]
+__all__ = ["RECORD_KEYS", "load_records", "write_record", "record_from_run", "loss_windows"]
 
 # every record holds these keys; values may be null where a restored run lost them
 RECORD_KEYS = ("study", "variant", "seed", "description", "curve", "loss_windows", "commit", "wall_minutes",
@@ -92,11 +92,3 @@ def record_from_run(run_dir: str, study: str, variant: str, seed: int, descripti
     }
     record.update(extra)
     return record
-
-
-def records_to_results(records: Sequence[Dict]) -> Dict[str, Dict[int, Dict[int, Dict[str, float]]]]:
-    """{variant: {seed: evaluation curve}}, the shape the study's tables and plots take."""
-    results: Dict[str, Dict[int, Dict[int, Dict[str, float]]]] = {}
-    for record in records:
-        results.setdefault(record["variant"], {})[record["seed"]] = record["curve"]
-    return results

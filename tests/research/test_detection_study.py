@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from mabn_d2.research.detection_study import (
-    METRICS, VARIANTS, collect_results, curves_table, evaluation_curve, final_metrics, plot_curves, results_table,
-    run_detection_study, training_loss_table,
+    METRICS, VARIANTS, evaluation_curve, final_metrics, run_detection_study,
 )
 from mabn_d2.layers import CenteredConv2d, MABN2d
 from mabn_d2.modeling.precise_stats import update_mabn_running_var
@@ -53,19 +52,6 @@ def test_unfinished_run_has_no_final_metrics(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 2, **_metrics(1.0)}) + "\n")
     assert evaluation_curve(str(tmp_path)) == {3: _metrics(1.0)}
     assert final_metrics(str(tmp_path)) is None
-
-
-def test_tables_report_mean_std_per_seed_and_curves(tmp_path):
-    results = {"MABN": {0: {3: _metrics(5.0), 6: _metrics(10.0)}, 1: {3: _metrics(6.0), 6: _metrics(20.0)}},
-               "BN": {0: {3: _metrics(7.0), 6: _metrics(10.0)}}}
-    table = results_table(results)
-    assert "| MABN | 0, 1 | 15.0 ± 7.1 |" in table and "10.0 / 10.0; 20.0 / 20.0 |" in table
-    assert "| BN | 0 | 10.0 | 10.0 |" in table  # no spread from one seed
-    curves = curves_table(results, seed=0)
-    assert "| variant | it. 3 | it. 6 |" in curves and "| MABN | 5.0 / 5.0 | 10.0 / 10.0 |" in curves
-    path = plot_curves(results, str(tmp_path / "curves.png"))
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_variants_name_existing_configs_and_sources():
@@ -183,27 +169,6 @@ def test_study_runs_variants_with_curves_then_skips_finished_runs(demo_datasets_
 
     monkeypatch.setattr(subprocess, "run", no_training)
     assert run_detection_study(str(tmp_path), variants, [0], opts, eval_period=2, repo_root=REPO_ROOT) == results
-    assert collect_results(str(tmp_path), variants + ["BN"], [0, 1]) == results  # finished runs only
-
-
-def test_training_loss_table_averages_windows_of_the_schedule(tmp_path):
-    run = tmp_path / "BN_seed0"
-    run.mkdir()
-    (run / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 8\n")
-    records = [{"iteration": i, "total_loss": float(i)} for i in range(8)] + [{"iteration": 7, **_metrics(1.0)}]
-    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    table = training_loss_table(str(tmp_path), ["BN", "GN", "MABN_paper_warmups_reestimated"])
-    assert "| variant | it. 0-2 | it. 2-4 | it. 4-6 | it. 6-8 |" in table
-    assert "| BN | 0.500 | 2.500 | 4.500 | 6.500 |" in table
-    assert "GN" not in table and "reestimated" not in table  # no run / no training of its own
-    unfinished = tmp_path / "BN_seed1"
-    unfinished.mkdir()
-    (unfinished / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 8\n")
-    (unfinished / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 9.0}) + "\n")
-    table = training_loss_table(str(tmp_path), ["BN"], edges=[0, 1, 8], seeds=[0, 1])
-    assert "| variant | it. 0-1 | it. 1-8 |" in table
-    assert "| BN (seed 0) | 0.000 | 4.000 |" in table
-    assert "seed 1" not in table  # not finished
 
 
 def test_trace_losses_is_reproducible_for_a_seed_and_moves_with_it(demo_datasets_dir):
