@@ -11,7 +11,7 @@ public PyTorch operations (every device). The switch, read at every training for
 `set_backend(name)` or `with use_backend(name):` override the environment from code.
 
 Before the kernels serve a (layer type, device, dtype, layout, state dtype) for the first time,
-they run a first-use check (triton_probe): every kernel variant on a tiny input, compared with
+they run a first-use check (triton/probe.py): every kernel variant on a tiny input, compared with
 the public path, with none of the layer's state touched. If it raises or disagrees, "auto" logs
 one warning naming the cause and uses the public path for that key from then on; "triton"
 raises with the cause.

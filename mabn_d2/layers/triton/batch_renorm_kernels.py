@@ -1,6 +1,6 @@
 """Triton kernels of Batch Renormalization's training step: two launches forward, two backward.
 
-They share MABN's reduction and affine blocks (triton_common) and differ in the epilogues.
+They share MABN's reduction and affine blocks (triton/common.py) and differ in the epilogues.
 Forward: sums of (x - running_mean) and its square per channel (shifted for accuracy), then
 mean, variance, r and d clipped, running statistics updated (a non-finite channel keeps both),
 and the output affine. Backward (r and d constants): sums of dy*(x - mean) and dy, then the

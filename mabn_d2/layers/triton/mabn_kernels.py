@@ -2,10 +2,10 @@
 
 Forward: `forward_statistics_kernel` reduces sum(x^2) per channel and, in the program that
 finishes a channel block last, runs MABN's per-channel statistics (ring-buffer write, SMA,
-re-normalization factor and clip, EMA update, non-finite guard); `channel_affine_kernel`
-(triton_common) then normalizes. Backward: `backward_statistics_kernel` reduces sum(dy*x) and
+re-normalization factor and clip, EMA update, non-finite guard and count); `channel_affine_kernel`
+(triton/common.py) then normalizes. Backward: `backward_statistics_kernel` reduces sum(dy*x) and
 sum(dy) with the Psi epilogue (ring buffer and its SMA, weight and bias gradients);
-`channel_affine_kernel` forms dx. Layouts, split reductions and accumulation: triton_common.
+`channel_affine_kernel` forms dx. Layouts, split reductions and accumulation: triton/common.py.
 """
 import triton
 import triton.language as tl
@@ -14,9 +14,9 @@ from .common import arrive_last, clip, exact_div, exact_sqrt, keep_finite, parti
 
 __all__ = ["forward_statistics_kernel", "backward_statistics_kernel", "SIZE_ARGS"]
 
-# Integers that change with the batch (image size, ROI count, ring slot): Triton would otherwise
-# specialize on them (== 1, divisible by 16) and compile a new variant mid-training.
-SIZE_ARGS = ["HW", "count", "num_tiles", "num_splits", "slot"]
+# Integers that change with the batch (image size, ROI count, ring slot, iteration): Triton would
+# otherwise specialize on them (== 1, divisible by 16) and compile a new variant mid-training.
+SIZE_ARGS = ["HW", "count", "num_tiles", "num_splits", "slot", "iteration"]
 
 # Each launch writes one workspace: its per-channel results first, then its per-program partial
 # sums (one allocation per launch, no views on the host). Rows of the forward's results, which
@@ -25,6 +25,20 @@ STATS_ALPHA, STATS_INVSTD, STATS_R, STATS_CHI2, STATS_ROWS = 0, 1, 2, 3, 4
 # The backward's workspace: dx's coefficient of x (row 0, passed whole to the affine for the same
 # reason), then its partial sums; dweight and dbias go to tensors of their own (the gradients).
 GRADS_X_COEF, GRADS_ROWS = 0, 1
+
+
+@triton.jit
+def _count_nonfinite(nonfinite_ptr, batch_value, c_mask, iteration):
+    """Counts this step once in nonfinite_ptr[0] when a channel of `batch_value` is not finite.
+
+    nonfinite_ptr[1] holds the latest iteration counted (the record of `layers/nonfinite.py`): the
+    first channel block to raise it to `iteration` adds the 1, so the other blocks of this launch
+    and the other pass of the same step add nothing.
+    """
+    bad = tl.sum((c_mask & ~(tl.abs(batch_value) < float("inf"))).to(tl.int32), axis=0) > 0
+    step = tl.full([], iteration, tl.int64)
+    previous = tl.atomic_max(nonfinite_ptr + 1, step, mask=bad)
+    tl.atomic_add(nonfinite_ptr, tl.full([], 1, tl.int64), mask=bad & (previous < step))
 
 
 @triton.jit
@@ -52,8 +66,8 @@ def _ring_buffer_statistic(
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def forward_statistics_kernel(
-    x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, workspace_ptr, counters_ptr,
-    C, HW, count, num_tiles, num_splits, slot, buffer_size,
+    x_ptr, weight_ptr, running_var_ptr, x2_buffer_ptr, workspace_ptr, counters_ptr, nonfinite_ptr,
+    C, HW, count, num_tiles, num_splits, slot, buffer_size, iteration,
     ema_decay: tl.float64, one_minus_ema_decay: tl.float64, eps: tl.float64,
     clip_low: tl.float64, clip_high: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -62,7 +76,7 @@ def forward_statistics_kernel(
     """chi2_B = mean(x^2) per channel, then MABN's forward statistics in the epilogue.
 
     Grid (channel blocks, splits); workspace is [STATS_ROWS + num_splits, C]. Updates
-    x2_buffer[slot] and running_var in place and writes the workspace's first STATS_ROWS rows:
+    x2_buffer[slot], running_var and the non-finite record (int64 [2]) in place and writes the workspace's first STATS_ROWS rows:
     alpha = weight*r/sqrt(chi2+eps), 1/sqrt(chi2+eps), r, chi2.
     """
     stats_ptr = workspace_ptr
@@ -80,6 +94,7 @@ def forward_statistics_kernel(
     if arrive_last(counters_ptr, pid_c, num_splits):
         total = total_of_partials(partials_ptr, c_offs, c_mask, num_splits, C, acc_dtype, BLOCK_C, BLOCK_S)
         chi2_batch = exact_div(total, tl.full([], count, acc_dtype))
+        _count_nonfinite(nonfinite_ptr, chi2_batch, c_mask, iteration)
         chi2 = _ring_buffer_statistic(
             x2_buffer_ptr, chi2_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS, BLOCK_C, BLOCK_RING,
         )
@@ -105,15 +120,15 @@ def forward_statistics_kernel(
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def backward_statistics_kernel(
     grad_ptr, x_ptr, weight_ptr, stats_ptr, gz_buffer_ptr, workspace_ptr, grad_weight_ptr, grad_bias_ptr,
-    counters_ptr,
-    C, HW, count, num_tiles, num_splits, slot, buffer_size, eps: tl.float64,
+    counters_ptr, nonfinite_ptr,
+    C, HW, count, num_tiles, num_splits, slot, buffer_size, iteration, eps: tl.float64,
     CHANNELS_LAST: tl.constexpr, USE_BATCH_STATISTICS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RING: tl.constexpr,
 ):
     """sum(dy*x) and sum(dy) per channel, then Psi_B, its ring buffer and SMA in the epilogue.
 
     Grid (channel blocks, splits); workspace is [GRADS_ROWS + 2 * num_splits, C]. Updates
-    gz_buffer[slot], writes the coefficient of x in dx into the workspace's row 0
+    gz_buffer[slot] and the non-finite record, writes the coefficient of x in dx into the workspace's row 0
     (dx = dy * alpha + x * coefficient, coefficient = -Psi/(chi2+eps)), and dweight, dbias.
     """
     partials_ptr = workspace_ptr + 1 * C  # after the GRADS_ROWS row
@@ -140,6 +155,7 @@ def backward_statistics_kernel(
         weight = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0)
         sum_dy_z = total_dy_x * invstd
         psi_batch = exact_div(weight * r * sum_dy_z, tl.full([], count, acc_dtype))
+        _count_nonfinite(nonfinite_ptr, psi_batch, c_mask, iteration)
         psi = _ring_buffer_statistic(
             gz_buffer_ptr, psi_batch, c_offs, c_mask, slot, buffer_size, C, USE_BATCH_STATISTICS, BLOCK_C, BLOCK_RING,
         )
