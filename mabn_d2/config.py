@@ -1,25 +1,32 @@
-"""Config keys of the MABN and Batch Renorm norms (cfg.MODEL.MABN, cfg.MODEL.BRN) and their checks.
+"""Config sections of the norm table (`mabn_d2.norms`): cfg.MODEL.MABN, cfg.MODEL.BRN, ..., read once.
 
-The keys, defaults and checks derive from the layers' table (`mabn_d2.layers.hyperparams`):
-each layer argument is a key, upper-cased. On top of it, cfg.MODEL.MABN has two keys that size
-the warm-ups as fractions of SOLVER.MAX_ITER, and both sections keep the old MOMENTUM key
-loading (deprecated) for configs written before the EMA rates got distinct names.
+Each norm's section holds its layer arguments as keys, upper-cased, with the table's defaults
+and checks; a section may add keys only the config has (cfg.MODEL.MABN sizes the warm-ups as
+fractions of SOLVER.MAX_ITER) and keeps renamed keys loading (deprecated; MOMENTUM, from before
+the EMA rates got distinct names).
 
-detectron2 resolves a NORM string without seeing the cfg, so these values reach the layers
-through `mabn_d2.modeling.registry` (which reads them while `build_model` runs).
+Reading a section validates it into the norm's immutable hyper-parameters
+(`layers.hyperparams.HyperparameterValues`), remembered per section content: `setup_cfg`,
+`build_model` and the warm-up warning share one validation, and the layers built from the
+result do not check it again. detectron2 resolves a NORM string without seeing the cfg, so the
+values reach the layers through `mabn_d2.modeling.registry` (while `build_model` runs).
 """
 import contextlib
+import functools
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yacs.config
 from detectron2.config import CfgNode as CN
 
-from .layers.hyperparams import BRN_HYPERPARAMETERS, MABN_HYPERPARAMETERS, Hyperparameter, is_finite_number
+from .layers.hyperparams import HyperparameterValues
+from .norms import NormSpec, norm_spec, norm_specs
 
 __all__ = [
     "add_mabn_config",
     "validate_mabn_config",
+    "norm_settings",
+    "settings_from_cfg",
     "mabn_kwargs_from_cfg",
     "brn_kwargs_from_cfg",
     "float_keys_take_integers",
@@ -55,57 +62,24 @@ def float_keys_take_integers() -> Iterator[None]:
         yacs.config._check_and_coerce_cfg_value_type = strict
 
 
-def _fraction_or_off(value: Any) -> bool:
-    return is_finite_number(value) and (value == -1 or 0.0 <= value <= 1.0)
-
-
-# Keys that exist only in the config: they size the warm-ups from the schedule and resolve into
-# WARMUP_ITERS / RENORM_WARMUP_ITERS. -1 leaves the absolute key in charge.
-_MABN_FRACTIONS: Tuple[Hyperparameter, ...] = (
-    Hyperparameter("warmup_fraction", -1.0, _fraction_or_off, "must be -1 (off) or in [0, 1]",
-                   "WARMUP_ITERS becomes round(WARMUP_FRACTION * SOLVER.MAX_ITER)"),
-    Hyperparameter("renorm_warmup_fraction", -1.0, _fraction_or_off, "must be -1 (off) or in [0, 1]",
-                   "RENORM_WARMUP_ITERS becomes round(RENORM_WARMUP_FRACTION * SOLVER.MAX_ITER)"),
-)
-_MABN_FRACTION_KEYS = {"WARMUP_FRACTION": "WARMUP_ITERS", "RENORM_WARMUP_FRACTION": "RENORM_WARMUP_ITERS"}
-# Deprecated key -> its new name, per section. "MOMENTUM" meant opposite things in the two sections.
-_RENAMED = {"MABN": {"MOMENTUM": "EMA_DECAY"}, "BRN": {"MOMENTUM": "EMA_UPDATE_RATE"}}
-
-
-class _Section:
-    """One cfg.MODEL section: the layer's table plus the keys only the config has."""
-
-    def __init__(self, name: str, layer_table: Tuple[Hyperparameter, ...], config_only=()):
-        self.name = name
-        self.layer_table = layer_table
-        self.table = layer_table + tuple(config_only)
-        self.rules: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-            p.config_key: (p.check, p.requirement) for p in self.table}
-        self.renamed = _RENAMED[name]
-
-    def defaults(self) -> CN:
-        node = CN({p.config_key: p.default for p in self.table})
-        for old in self.renamed:
-            node[old] = None  # None: unset; a None default also lets yacs merge a number into it
-        return node
-
-    def known_keys(self):
-        return sorted(list(self.rules) + list(self.renamed))
-
-
-_SECTIONS = {"MABN": _Section("MABN", MABN_HYPERPARAMETERS, _MABN_FRACTIONS), "BRN": _Section("BRN", BRN_HYPERPARAMETERS)}
+def _section_defaults(spec: NormSpec) -> CN:
+    node = CN({p.config_key: p.default for p in spec.keys})
+    for old, _ in spec.renamed:
+        node[old] = None  # None: unset; a None default also lets yacs merge a number into it
+    return node
 
 
 def add_mabn_config(cfg: CN) -> None:
-    """Add cfg.MODEL.MABN and cfg.MODEL.BRN; keys already present keep their values."""
-    for name, section in _SECTIONS.items():
-        defaults = section.defaults()
-        if name not in cfg.MODEL:
-            cfg.MODEL[name] = defaults
+    """Add the section of every norm in the table (cfg.MODEL.MABN, cfg.MODEL.BRN, ...); keys already
+    present keep their values."""
+    for spec in norm_specs():
+        defaults = _section_defaults(spec)
+        if spec.section not in cfg.MODEL:
+            cfg.MODEL[spec.section] = defaults
             continue
         for key, value in defaults.items():
-            if key not in cfg.MODEL[name]:
-                cfg.MODEL[name][key] = value
+            if key not in cfg.MODEL[spec.section]:
+                cfg.MODEL[spec.section][key] = value
 
 
 def _section(cfg: Any, name: str) -> Optional[CN]:
@@ -115,80 +89,112 @@ def _section(cfg: Any, name: str) -> Optional[CN]:
     return model[name]
 
 
-def validate_mabn_config(cfg: CN) -> None:
-    """Raise ValueError naming the first bad key of cfg.MODEL.MABN / cfg.MODEL.BRN.
+def _lookup(cfg: Any, dotted: str) -> Any:
+    """cfg's value at a dotted key, None when absent."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
-    Sections or keys that are absent are not errors (the layer defaults apply); unknown
-    keys are, since they are most likely misspellings. A deprecated key is checked as the key
-    that replaces it, and setting both to different values is an error.
+
+# (deprecated key, its new key, the value it gives) of a section, for the warning at each read
+_Deprecated = Tuple[Tuple[str, str, Any], ...]
+
+
+def _validate_section(spec: NormSpec, items: Tuple[Tuple[str, type, Any], ...], reads: Tuple[Tuple[type, Any], ...]
+                      ) -> Tuple[HyperparameterValues, _Deprecated]:
+    """The one validation of a section: ValueError naming the first bad key and its rule.
+
+    Absent keys take their defaults; unknown keys are errors (most likely misspellings). A
+    deprecated key is checked as the key that replaces it, and setting both to different
+    values is an error.
     """
-    for name, section in _SECTIONS.items():
-        node = _section(cfg, name)
-        if node is None:
+    node, prefix = {key: value for key, _, value in items}, f"cfg.MODEL.{spec.section}"
+    by_key = {p.config_key: p for p in spec.keys}
+    renamed = dict(spec.renamed)
+    for key in node:
+        if key not in by_key and key not in renamed:
+            raise ValueError(f"{prefix}.{key} is not a known key; expected one of {sorted([*by_key, *renamed])}")
+    for key, parameter in by_key.items():
+        if key in node and not parameter.check(node[key]):
+            raise ValueError(f"{prefix}.{key} {parameter.requirement}, got {node[key]!r}")
+    values = {p.name: node.get(key, p.default) for key, p in by_key.items()}
+    deprecated = []
+    for old, new in renamed.items():
+        if node.get(old) is None:
             continue
-        for key in node:
-            if key not in section.rules and key not in section.renamed:
-                raise ValueError(f"cfg.MODEL.{name}.{key} is not a known key; expected one of {section.known_keys()}")
-        for key, (check, requirement) in section.rules.items():
-            if key in node and not check(node[key]):
-                raise ValueError(f"cfg.MODEL.{name}.{key} {requirement}, got {node[key]!r}")
-        for old, new in section.renamed.items():
-            if node.get(old) is None:
-                continue
-            check, requirement = section.rules[new]
-            if not check(node[old]):
-                raise ValueError(f"cfg.MODEL.{name}.{old} (deprecated, now {new}) {requirement}, got {node[old]!r}")
-            default = _default(section, new)
-            if new in node and node[new] != default and node[new] != node[old]:
-                raise ValueError(f"cfg.MODEL.{name}.{old} (deprecated) and its new name {new} are both set, to "
-                                 f"{node[old]!r} and {node[new]!r}; keep only {new}")
+        parameter = by_key[new]
+        if not parameter.check(node[old]):
+            raise ValueError(f"{prefix}.{old} (deprecated, now {new}) {parameter.requirement}, got {node[old]!r}")
+        if new in node and node[new] != parameter.default and node[new] != node[old]:
+            raise ValueError(f"{prefix}.{old} (deprecated) and its new name {new} are both set, to "
+                             f"{node[old]!r} and {node[new]!r}; keep only {new}")
+        values[parameter.name] = node[old]
+        deprecated.append((old, new, node[old]))
+    if spec.resolve is not None:
+        values = spec.resolve(values, {key: value for key, (_, value) in zip(spec.reads, reads)})
+    return spec.values(**{p.name: values[p.name] for p in spec.hyperparameters}), tuple(deprecated)
 
 
-def _default(section: "_Section", key: str) -> Any:
-    return next(p.default for p in section.table if p.config_key == key)
+_validate_section_once = functools.lru_cache(maxsize=64)(_validate_section)
 
 
-def _kwargs_from_section(cfg: CN, name: str) -> Dict[str, Any]:
-    section = _SECTIONS[name]
-    node = _section(cfg, name)
-    values = {p.config_key: p.default for p in section.table}
-    if node is not None:
-        values.update({key: node[key] for key in section.rules if key in node})
-        for old, new in section.renamed.items():
-            if node.get(old) is not None:
-                warnings.warn(f"cfg.MODEL.{name}.{old} is deprecated: it is now cfg.MODEL.{name}.{new} "
-                              f"({_meaning(section, new)}); its value {node[old]!r} is used as {new}",
-                              FutureWarning, stacklevel=3)
-                values[new] = node[old]
-    return {key.lower(): values[key] for key in section.rules}
+def _read(cfg: Any, spec: NormSpec) -> Tuple[HyperparameterValues, _Deprecated]:
+    """A section's validated values (its defaults when cfg has no such section), validated once per
+    content: the same keys and values, and the same values of the cfg keys it `reads`. Types are
+    part of the content: 1, 1.0 and True are equal keys to a cache, not to a check."""
+    node = _section(cfg, spec.section)
+    items = () if node is None else tuple(sorted((key, type(value), value) for key, value in node.items()))
+    reads = tuple((type(value), value) for value in (_lookup(cfg, key) for key in spec.reads))
+    try:
+        hash((items, reads))
+    except TypeError:  # a list or a node where a number belongs: the check names it
+        return _validate_section(spec, items, reads)
+    return _validate_section_once(spec, items, reads)
 
 
-def _meaning(section: "_Section", key: str) -> str:
-    return next(p.meaning for p in section.table if p.config_key == key)
+def _warn_deprecated(spec: NormSpec, deprecated: _Deprecated) -> None:
+    meaning = {p.config_key: p.meaning for p in spec.keys}
+    prefix = f"cfg.MODEL.{spec.section}"
+    for old, new, value in deprecated:
+        warnings.warn(f"{prefix}.{old} is deprecated: it is now {prefix}.{new} ({meaning[new]}); its value "
+                      f"{value!r} is used as {new}", FutureWarning, stacklevel=4)
 
 
-def _max_iter(cfg: Any) -> Optional[int]:
-    solver = getattr(cfg, "SOLVER", None)
-    return None if solver is None or "MAX_ITER" not in solver else int(solver.MAX_ITER)
+def validate_mabn_config(cfg: CN) -> None:
+    """Raise ValueError naming the first bad key of a norm section of cfg (cfg.MODEL.MABN, cfg.MODEL.BRN, ...).
+
+    Sections that are absent are not errors (the layer defaults apply). The result is
+    remembered, so building from the same cfg does not validate it again.
+    """
+    for spec in norm_specs():
+        if _section(cfg, spec.section) is not None:
+            _read(cfg, spec)
 
 
-def _resolve_warmups(cfg: CN, values: Dict[str, Any]) -> Tuple[int, int]:
-    """Apply the *_FRACTION entries of `values` (the section's keys, lower-cased) to SOLVER.MAX_ITER."""
-    resolved = []
-    for fraction_key, iters_key in _MABN_FRACTION_KEYS.items():
-        iters, fraction = values[iters_key.lower()], values[fraction_key.lower()]
-        if fraction != -1:
-            max_iter = _max_iter(cfg)
-            if max_iter is None:
-                raise ValueError(f"cfg.MODEL.MABN.{fraction_key} needs cfg.SOLVER.MAX_ITER to size the warm-up")
-            iters = int(round(fraction * max_iter))
-        resolved.append(iters)
-    return resolved[0], resolved[1]
+def settings_from_cfg(cfg: CN, norm: str) -> HyperparameterValues:
+    """NORM `norm`'s validated hyper-parameters from its cfg section (defaults for anything absent).
+
+    A deprecated key in use gives a FutureWarning naming its new name.
+    """
+    spec = norm_spec(norm)
+    values, deprecated = _read(cfg, spec)
+    _warn_deprecated(spec, deprecated)
+    return values
+
+
+def norm_settings(cfg: CN) -> Dict[str, HyperparameterValues]:
+    """{NORM name: validated hyper-parameters} for every norm whose section cfg has."""
+    return {spec.name: settings_from_cfg(cfg, spec.name) for spec in norm_specs()
+            if _section(cfg, spec.section) is not None}
 
 
 def resolve_mabn_warmups(cfg: CN) -> Tuple[int, int]:
     """(warmup_iters, renorm_warmup_iters) after applying the *_FRACTION keys to SOLVER.MAX_ITER."""
-    return _resolve_warmups(cfg, _kwargs_from_section(cfg, "MABN"))
+    values = settings_from_cfg(cfg, "MABN")
+    return values.warmup_iters, values.renorm_warmup_iters
 
 
 def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
@@ -197,10 +203,12 @@ def mabn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
     The *_FRACTION keys are resolved against SOLVER.MAX_ITER into warmup_iters and
     renorm_warmup_iters; they are not layer arguments themselves.
     """
-    values = _kwargs_from_section(cfg, "MABN")
-    kwargs = {k: v for k, v in values.items() if k.upper() not in _MABN_FRACTION_KEYS}
-    kwargs["warmup_iters"], kwargs["renorm_warmup_iters"] = _resolve_warmups(cfg, values)
-    return kwargs
+    return settings_from_cfg(cfg, "MABN").as_kwargs()
+
+
+def _max_iter(cfg: Any) -> Optional[int]:
+    max_iter = _lookup(cfg, "SOLVER.MAX_ITER")
+    return None if max_iter is None else int(max_iter)
 
 
 def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
@@ -228,4 +236,4 @@ def long_renorm_warmup_message(cfg: CN) -> Optional[str]:
 
 def brn_kwargs_from_cfg(cfg: CN) -> Dict[str, Any]:
     """BatchRenorm2d keyword arguments from cfg.MODEL.BRN (defaults for anything absent)."""
-    return _kwargs_from_section(cfg, "BRN")
+    return settings_from_cfg(cfg, "BRN").as_kwargs()

@@ -23,3 +23,19 @@ def demo_datasets_dir(tmp_path_factory):
         os.environ.pop("DETECTRON2_DATASETS", None)
     else:
         os.environ["DETECTRON2_DATASETS"] = previous
+
+
+_TOOL_LOGGERS = ("mabn_d2", "detectron2", "d2", "fvcore", "")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_handlers():
+    """Tools run in-process call detectron2's setup_logger, which attaches handlers to the stream
+    pytest captured for that test; a later test would log into the closed stream. Put the
+    handler lists back after every test."""
+    import logging
+
+    saved = {name: list(logging.getLogger(name).handlers) for name in _TOOL_LOGGERS}
+    yield
+    for name, handlers in saved.items():
+        logging.getLogger(name).handlers[:] = handlers

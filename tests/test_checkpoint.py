@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def test_resume_from_a_checkpoint_changed_after_saving_names_it(tmp_path):
     checkpointer.save("model_0000001", iteration=1)
     checkpointer.save("model_0000003", iteration=3)
     _overwrite_tensor_bytes(tmp_path / "model_0000003.pth", model[0].weight)  # saved once: buffers twice
-    read_checkpoint(str(tmp_path / "model_0000003.pth"))  # still loads: torch.load does not notice
+    torch.load(tmp_path / "model_0000003.pth", weights_only=True)  # still loads: torch.load does not notice
     message = (r"cannot resume: checkpoint .*model_0000003\.pth is damaged: its model state does not match the "
                r"checksum saved with it \(model_sha256\); .*other checkpoints in .*, newest first: model_0000001\.pth")
     with pytest.raises(CheckpointError, match=message):
@@ -170,6 +171,39 @@ def test_resume_from_a_checkpoint_changed_after_saving_names_it(tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     extra = MABNCheckpointer(_model(seed=1), str(tmp_path)).resume_or_load("", resume=True)
     assert extra["iteration"] == 1 and "model_sha256" not in extra
+
+
+def test_reading_a_checkpoint_changed_after_saving_refuses_it_naming_the_file(tmp_path):
+    """read_checkpoint (fold, re-estimation, evaluation and the checks before a run) verifies as a resume does."""
+    model = _model()
+    MABNCheckpointer(model, str(tmp_path)).save("model_final", iteration=2)
+    path = tmp_path / "model_final.pth"
+    _overwrite_tensor_bytes(path, model[0].weight)
+    assert torch.load(path, weights_only=True)["iteration"] == 2  # the pickle still loads
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(path))} is damaged: its model "
+                                                  r"state does not match the checksum saved with it"):
+            read_checkpoint(str(path), mmap=mmap)
+    assert read_checkpoint(str(path), verify=False)["iteration"] == 2
+
+
+def test_reestimation_refuses_a_checkpoint_changed_after_saving(tmp_path, monkeypatch):
+    import mabn_d2
+    from mabn_d2.engine import setup_cfg
+    from mabn_d2.research import reestimation
+
+    from .test_train_net import DEMO_CONFIG, TINY_MODEL
+
+    cfg = setup_cfg(DEMO_CONFIG, [*TINY_MODEL, "SOLVER.MAX_ITER", "4"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.dump())
+    model = mabn_d2.build_model(cfg)
+    MABNCheckpointer(model, str(run)).save("model_final", iteration=3)
+    _overwrite_tensor_bytes(run / "model_final.pth", model.backbone.bottom_up.stem.conv1.weight)
+    monkeypatch.setattr(reestimation, "register_demo_datasets", lambda cfg: False)  # no data is read before
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(run / 'model_final.pth'))} is damaged"):
+        reestimation.reestimate_run_checkpoints(str(run), str(tmp_path / "out"), num_batches=1)
 
 
 def test_checkpoints_without_a_checksum_still_load(tmp_path):

@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
+from detectron2.modeling import GeneralizedRCNN
 from mabn_d2 import build_model
 
-from mabn_d2 import prepare_mabn_model
+from mabn_d2.engine.lazy import build_lazy_model
 from mabn_d2.engine.trainer import setup_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
 
@@ -50,10 +51,10 @@ def test_yaml_and_lazy_scratch_configs_build_the_same_mabn_model():
     torch.manual_seed(0)
     yaml_model = build_model(cfg)
     lazy = LazyConfig.load(os.path.join(COCO, "mask_rcnn_R_50_FPN_2x_mabn_scratch.py"))
-    assert lazy.model._target_ is prepare_mabn_model  # the pass is part of the model's recipe
-    assert isinstance(lazy.model.model.backbone.norm, functools.partial)  # norms as callables
+    assert lazy.model._target_ is GeneralizedRCNN  # the detector itself, as in detectron2's LazyConfigs
+    assert isinstance(lazy.model.backbone.norm, functools.partial)  # norms as callables
     torch.manual_seed(0)
-    lazy_model = instantiate(lazy.model)
+    lazy_model = build_lazy_model(lazy, device="cpu")  # instantiate, then the MABN pass
     # 53 in the R50 bottom-up, 8 in FPN, 4 in the box head, 4 in the mask head
     assert _mabn_layout(yaml_model) == _mabn_layout(lazy_model) == (69, 69)
     assert lazy.train.max_iter == cfg.SOLVER.MAX_ITER and lazy.dataloader.train.total_batch_size == 16

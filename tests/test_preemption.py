@@ -22,13 +22,13 @@ STOPPED_AT = PAUSE_AFTER + 1
 class _Training:
     """tests/signalled_train_net.py in the background, paused after step PAUSE_AFTER."""
 
-    def __init__(self, tmp_path, output_dir, processes, demo_datasets_dir):
+    def __init__(self, tmp_path, output_dir, processes, demo_datasets_dir, opts=OPTS):
         self.pause_dir, self.processes = tmp_path / "pause", processes
         self.pause_dir.mkdir()
         self.output = tmp_path / "output.txt"
         env = dict(os.environ, DETECTRON2_DATASETS=demo_datasets_dir, OMP_NUM_THREADS="1")
         command = [sys.executable, "tests/signalled_train_net.py", str(PAUSE_AFTER), str(self.pause_dir),
-                   "--num-gpus", str(processes), "--config-file", DEMO_CONFIG, *OPTS, "OUTPUT_DIR", str(output_dir)]
+                   "--num-gpus", str(processes), "--config-file", DEMO_CONFIG, *opts, "OUTPUT_DIR", str(output_dir)]
         with open(self.output, "w") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 

@@ -98,7 +98,7 @@ def test_the_lazyconfig_takes_the_table():
     assert lazy.lr_multiplier.warmup_length * lazy.train.max_iter == pytest.approx(table["SOLVER.WARMUP_ITERS"])
     assert lazy.lr_multiplier.warmup_factor == pytest.approx(table["SOLVER.WARMUP_FACTOR"])
     assert "clip" not in str(lazy.train).lower()
-    norm = lazy.model.model.backbone.norm
+    norm = lazy.model.backbone.norm
     assert norm.keywords["warmup_iters"] == table["MODEL.MABN.WARMUP_ITERS"]
     assert norm.keywords["renorm_warmup_iters"] == table["MODEL.MABN.RENORM_WARMUP_ITERS"]
 

@@ -288,3 +288,21 @@ def test_resume_with_another_buffer_size_changes_nothing(train_net, tmp_path, ca
     assert f"resume with the config it was trained with ({run / 'config.yaml'})" in err
     _untouched(run, "last_checkpoint", "model_0000003.pth")
     _passes(train_net, "--resume", *TINY_MODEL, "OUTPUT_DIR", run)  # the config it was written with fits
+
+
+def test_weights_changed_after_saving_are_refused_before_anything_starts(train_net, tmp_path, capsys):
+    import mabn_d2
+    from mabn_d2.engine import setup_cfg
+
+    from .test_checkpoint import _overwrite_tensor_bytes
+
+    model = mabn_d2.build_model(setup_cfg(DEMO_CONFIG, TINY_MODEL))
+    MABNCheckpointer(model, str(tmp_path)).save("model_final", iteration=3)
+    weights = tmp_path / "model_final.pth"
+    _overwrite_tensor_bytes(weights, model.backbone.bottom_up.stem.conv1.weight)
+    for mode in ([], ["--eval-only"]):
+        for value in (weights, f"{weights}?matching_heuristics=True"):  # read once, whatever the suffix
+            err = _refused(train_net, capsys, *mode, *TINY_MODEL, "MODEL.WEIGHTS", value,
+                           "OUTPUT_DIR", tmp_path / "run")
+            assert f"checkpoint {weights} is damaged: its model state does not match the checksum" in err
+    assert not (tmp_path / "run").exists()

@@ -4,14 +4,19 @@
   python tools/fold_mabn.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
       --weights output/model_final.pth --output-dir output/folded [--fuse] [--export torchscript|onnx] \
       [--verify N] [--images a.jpg b.jpg] [--overwrite] [KEY VALUE ...]
+  python tools/fold_mabn.py --config-file configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.py \
+      --weights output/model_final.pth --output-dir output/folded [key=value ...]   # a LazyConfig
 
 Writes OUTPUT/model_folded.pth and OUTPUT/config_folded.yaml: every NORM "MABN" becomes
 "FrozenBN" (the RetinaNet head keeps per-level statistics as "BN" when they differ by level) and
 the MABN keys are gone, so `get_cfg()`, `build_model` and `DetectionCheckpointer` load them
-without mabn_d2. --fuse also writes model_fused.pth, whose norms are folded into the convolutions:
-it matches no config and is what --export exports. --verify N compares predictions of the
-original (eval mode) and the folded model(s) on N images of DATASETS.TEST (or --images) and fails
-above the tolerances in `mabn_d2.deploy.verify.TOLERANCES`. Nothing is written unless every check passes.
+without mabn_d2. From a LazyConfig (.py, detectron2's key=value overrides), config_folded.yaml
+is that LazyConfig with every MABN norm "FrozenBN" and train.init_checkpoint the folded weights,
+which stock `LazyConfig.load` and `instantiate(cfg.model)` load. --fuse also writes
+model_fused.pth, whose norms are folded into the convolutions: it matches no config and is what
+--export exports. --verify N compares predictions of the original (eval mode) and the folded
+model(s) on N images of DATASETS.TEST / dataloader.test (or --images) and fails above the
+tolerances in `mabn_d2.deploy.verify.TOLERANCES`. Nothing is written unless every check passes.
 
 OUTPUT ends up holding exactly this run's files: a folder that is not empty is refused unless
 --overwrite is given, and then replaced as a whole (only if it holds nothing but fold outputs).
@@ -33,6 +38,7 @@ from mabn_d2.deploy.export_formats import EXPORT_FORMATS
 from mabn_d2.deploy.output_dir import check_output_dir
 from mabn_d2.deploy.pipeline import fold_checkpoint
 from mabn_d2.deploy.verify import TOLERANCES
+from mabn_d2.engine.lazy import is_lazy_config, load_lazy_config, register_lazy_demo_datasets
 from mabn_d2.engine.preflight import UsageError, check_device, first_line
 
 logger = logging.getLogger("mabn_d2.fold_mabn")
@@ -50,8 +56,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device to fold, verify and export on")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --output-dir that holds an earlier fold's files")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides: KEY VALUE ... (a .py LazyConfig: key=value ...)")
     return parser.parse_args(argv)
+
+
+def _yaml_config(args: argparse.Namespace):
+    """The YAML config with MABN keys and the overrides; ExportError naming the file or the key."""
+    cfg = get_cfg()
+    add_mabn_config(cfg)
+    try:
+        with float_keys_take_integers():
+            cfg.merge_from_file(args.config_file)
+    except Exception as e:  # missing file, bad YAML, unknown keys
+        raise ExportError(f"cannot read config {args.config_file} ({first_line(e)})") from e
+    try:
+        with float_keys_take_integers():
+            cfg.merge_from_list(args.opts)
+    except Exception as e:  # unknown key, odd number of items
+        raise ExportError(f"bad config override: {first_line(e)}") from e  # yacs names the key
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -61,20 +85,14 @@ def main(argv=None) -> int:
     try:
         check_output_dir(args.output_dir, args.overwrite)
         check_device(args.device)
-        cfg = get_cfg()
-        add_mabn_config(cfg)
-        try:
-            with float_keys_take_integers():
-                cfg.merge_from_file(args.config_file)
-        except Exception as e:  # missing file, bad YAML, unknown keys
-            raise ExportError(f"cannot read config {args.config_file} ({first_line(e)})") from e
-        try:
-            with float_keys_take_integers():
-                cfg.merge_from_list(args.opts)
-        except Exception as e:  # unknown key, odd number of items
-            raise ExportError(f"bad config override: {first_line(e)}") from e  # yacs names the key
-        if (args.verify > 0 or args.export) and not args.images:
-            register_demo_datasets(cfg)
+        if is_lazy_config(args.config_file):
+            cfg = load_lazy_config(args.config_file, args.opts)  # UsageError naming the file or the key
+            if (args.verify > 0 or args.export) and not args.images:
+                register_lazy_demo_datasets(cfg)
+        else:
+            cfg = _yaml_config(args)
+            if (args.verify > 0 or args.export) and not args.images:
+                register_demo_datasets(cfg)
         result = fold_checkpoint(
             cfg, args.weights, args.output_dir, fuse=args.fuse, export=args.export, verify=args.verify,
             images=args.images, device=args.device, config_name=f"config {args.config_file}",

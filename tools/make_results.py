@@ -11,6 +11,7 @@ results/ regenerates the same document.
   results/benchmarks/section.md                 section 4, the benchmark scripts' tables
   results/paper_setting*/<run>.json, intro.md, command.txt, reading.md   section 5, one subsection per schedule
   results/paper_recipe/<run>.json, intro.md, command.txt, reading.md     section 6, official recipe
+  results/health_demo/mabn_scalars.json, results/health_overhead.json   section 7, MABN's health scalars
 docs/results_reading.md is the hand-written reading, included verbatim at the top.
 
   python tools/make_results.py                       # regenerate docs/results.md
@@ -30,6 +31,7 @@ from typing import List, Optional
 from mabn_d2.engine.atomic_io import atomic_write_text
 from mabn_d2.research.benchmarking import markdown_table
 from mabn_d2.research.detection_report import curves_table_all, detection_report, plot_records
+from mabn_d2.research.health_report import health_section, plot_health_scalars
 from mabn_d2.research.paper_setting_report import chi2_layer_table, paper_setting_table
 from mabn_d2.research.run_records import load_records
 
@@ -134,6 +136,17 @@ def official_recipe_section(folder: Path) -> List[str]:
     return lines
 
 
+def health_scalars_section(results: Path, docs: Path) -> List[str]:
+    """Section 7: the demo run's mabn/ scalars (figure rendered here) and the health hook's measured cost."""
+    demo_path, overhead_path = results / "health_demo" / "mabn_scalars.json", results / "health_overhead.json"
+    demo = json.loads(demo_path.read_text()) if demo_path.exists() else None
+    overhead = json.loads(overhead_path.read_text()) if overhead_path.exists() else None
+    figure = "health_demo_scalars.png"
+    if demo is not None:
+        plot_health_scalars(demo, str(docs / figure))
+    return health_section(demo, overhead, figure)
+
+
 # ----------------------------------------------------------------------- importing fresh tool outputs
 def import_study(study_dir: Path, folder: Path) -> None:
     """Render tools/small_batch_study.py's output into the committed section 1."""
@@ -199,6 +212,8 @@ def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") ->
         lines += paper_setting_section(paper_setting_folders(results))
     if list((results / "paper_recipe").glob("*_seed*.json")):
         lines += official_recipe_section(results / "paper_recipe")
+    if (results / "health_demo" / "mabn_scalars.json").exists() or (results / "health_overhead.json").exists():
+        lines += health_scalars_section(results, docs)
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
     atomic_write_text(str(output), text)
     return text

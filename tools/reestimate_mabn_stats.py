@@ -16,6 +16,7 @@ from typing import List, Optional
 from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the norm strings)
+from mabn_d2.engine.checkpoint import CheckpointError
 from mabn_d2.research.reestimation import reestimate_run_checkpoints
 
 
@@ -31,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="detectron2", abbrev_name="d2")
     try:
         done = reestimate_run_checkpoints(args.run_dir, args.output_dir, args.num_batches, args.all_evaluated)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"reestimate_mabn_stats: {error}", file=sys.stderr)
         return 2
     for iteration, metrics in done.items():

@@ -4,6 +4,10 @@
 Same conventions as detectron2's tools/train_net.py:
   python tools/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml \
       --num-gpus 8 [--resume] [--eval-only MODEL.WEIGHTS path.pth] [KEY VALUE ...]
+A LazyConfig (.py) takes detectron2's lazyconfig_train_net.py conventions, key=value overrides:
+  python tools/train_net.py --config-file configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.py \
+      [--resume] [--eval-only train.init_checkpoint=path.pth] [train.max_iter=100 train.output_dir=out ...]
+(mabn_d2.engine.lazy, mabn_d2.engine.lazy_trainer: the model gets the MABN pass after `instantiate`).
 On a machine without GPUs, --num-gpus N starts N CPU processes that train with gloo. Processes
 of one machine meet on a free local port unless --dist-url is given.
 
@@ -15,7 +19,9 @@ the command with one line on stderr and exit status 2, and an existing run's fil
 SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during training saves a checkpoint at the
 current iteration in every process and ends the command with status 143 / 130; --resume
 continues from it (mabn_d2.engine.preemption). The launching process passes either signal on to
-the training processes it started and waits for them.
+the training processes it started and waits for them. When one training process dies (killed, or
+failed), the others are stopped and the command ends with one line naming its rank, pid and how it
+ended, on stderr and in log.txt (mabn_d2.engine.rank_failure).
 """
 import contextlib
 import logging
@@ -33,9 +39,12 @@ from detectron2.utils import comm
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.data.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
-from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point, read_checkpoint
+from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point
+from mabn_d2.engine.lazy import check_lazy_before_start, is_lazy_config, load_lazy_config
+from mabn_d2.engine.lazy_trainer import run_lazy
 from mabn_d2.engine.preemption import PREEMPTION_SIGNALS
 from mabn_d2.engine.preflight import UsageError, check_backend, check_device, check_solver, check_writable_dir
+from mabn_d2.engine.rank_failure import report_rank_failure
 from mabn_d2.engine.weights_fit import check_resume_fits, check_weights_fit
 
 logger = logging.getLogger("mabn_d2.train_net")
@@ -43,6 +52,8 @@ USAGE_ERROR_STATUS = 2
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return run_lazy(args)
     cfg = setup_cfg(args.config_file, args.opts, args, check_output=False)  # check_before_start did those
     register_demo_datasets(cfg)
     if args.eval_only:
@@ -61,7 +72,12 @@ def check_before_start(args) -> None:
     """The checks every process would otherwise fail on, done once, before anything is written.
 
     Cheapest first; the checkpoint comes last, as it is compared with a model built on the CPU.
+    A LazyConfig gets the same checks under its own keys (`check_lazy_before_start`).
     """
+    if is_lazy_config(args.config_file):
+        check_lazy_before_start(args.config_file, args.opts, training_processes(args), eval_only=args.eval_only,
+                                resume=args.resume)
+        return
     cfg = setup_cfg(args.config_file, args.opts)
     check_device(cfg.MODEL.DEVICE, args.num_gpus if cfg.MODEL.DEVICE.startswith("cuda") else 1)
     check_backend(cfg)
@@ -72,25 +88,12 @@ def check_before_start(args) -> None:
     if resume_point:  # MODEL.WEIGHTS is not used
         check_resume_fits(cfg, resume_point)
         return
-    check_weights_file(cfg.MODEL.WEIGHTS)
-    check_weights_fit(cfg, cfg.MODEL.WEIGHTS, eval_only=args.eval_only)
+    check_weights_fit(cfg, cfg.MODEL.WEIGHTS, eval_only=args.eval_only)  # reads MODEL.WEIGHTS once
 
 
 def training_processes(args) -> int:
     """How many processes launch() starts (the world size): one when it starts none."""
     return max(1, args.num_gpus * args.num_machines)
-
-
-def check_weights_file(weights: str) -> None:
-    """CheckpointError unless MODEL.WEIGHTS is empty, a URL, or a local file that loads."""
-    if not weights or "://" in weights:
-        return
-    weights = weights.split("?", 1)[0]  # detectron2 reads `file?matching_heuristics=True` as the file
-    if weights.endswith(".pkl"):  # Detectron/Caffe2 pickles: detectron2 reads them itself
-        if not os.path.isfile(weights):
-            raise CheckpointError(f"checkpoint not found: {weights} (MODEL.WEIGHTS)")
-        return
-    read_checkpoint(weights, mmap=True)
 
 
 def _main_reporting_errors(args):
@@ -142,9 +145,21 @@ def _launch(args) -> int:
         )
     except SystemExit as exit_:  # one process: the error line is printed already, or it was preempted
         return exit_.code if isinstance(exit_.code, int) else 1
-    except torch.multiprocessing.ProcessExitedException as error:  # a process printed its error and exited
-        return error.exit_code if error.exit_code > 0 else 128 - error.exit_code  # killed: 128 + signal
+    except (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException) as error:
+        # One process failed and torch stopped the others: name it, unless it said why itself.
+        explained = (USAGE_ERROR_STATUS, *(128 + signum for signum in PREEMPTION_SIGNALS))
+        return report_rank_failure(error, _output_dir(args), args.machine_rank * args.num_gpus, explained)
     return 0
+
+
+def _output_dir(args) -> Optional[str]:
+    """The run's OUTPUT_DIR, for the line on a failed process (None when the config does not load)."""
+    try:
+        if is_lazy_config(args.config_file):
+            return load_lazy_config(args.config_file, args.opts).train.output_dir
+        return setup_cfg(args.config_file, args.opts).OUTPUT_DIR
+    except Exception:  # noqa: BLE001  (the line then goes without the checkpoint to resume from)
+        return None
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """LazyConfig equivalent of mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml.
 
 Every norm is `mabn_norm`, a callable building MABN2d with its hyper-parameters written out
-(the YAML's MODEL.MABN). `instantiate(model)` builds the detector, then runs
-`prepare_mabn_model` on it (centralized convolutions, frozen stages, per-level shared heads),
-as `build_model` does for YAML configs: the detector's settings are under `model.model`.
+(the YAML's MODEL.MABN). `model` is the detector, as in detectron2's LazyConfigs, so overrides
+read `model.roi_heads.num_classes=10`. tools/train_net.py and tools/fold_mabn.py build it with
+`mabn_d2.engine.lazy.build_lazy_model`: `instantiate(model)`, then `prepare_mabn_model` on it
+(centralized convolutions, frozen stages, per-level shared heads), as `build_model` does for
+YAML configs; a script of your own does the same.
 """
 from functools import partial
 
@@ -13,31 +15,31 @@ from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from mabn_d2 import MABN2d, prepare_mabn_model
+from mabn_d2 import MABN2d
 
 # The paper's hyper-parameters.
 mabn_norm = partial(
     MABN2d, buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5
 )
 
-model = L(prepare_mabn_model)(model=get_config("common/models/mask_rcnn_fpn.py").model)
+model = get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = get_config("common/data/coco.py").dataloader
 optimizer = get_config("common/optim.py").SGD
 train = get_config("common/train.py").train
 
-model.model.backbone.bottom_up.stem.norm = mabn_norm
-model.model.backbone.bottom_up.stages.norm = mabn_norm
-model.model.backbone.bottom_up.stages.stride_in_1x1 = False
-model.model.backbone.bottom_up.freeze_at = 0
-model.model.backbone.norm = mabn_norm
-model.model.roi_heads.box_head = L(FastRCNNConvFCHead)(
-    input_shape=model.model.roi_heads.box_head.input_shape,
+model.backbone.bottom_up.stem.norm = mabn_norm
+model.backbone.bottom_up.stages.norm = mabn_norm
+model.backbone.bottom_up.stages.stride_in_1x1 = False
+model.backbone.bottom_up.freeze_at = 0
+model.backbone.norm = mabn_norm
+model.roi_heads.box_head = L(FastRCNNConvFCHead)(
+    input_shape=model.roi_heads.box_head.input_shape,
     conv_dims=[256, 256, 256, 256],
     fc_dims=[1024],
     conv_norm=mabn_norm,
 )
-model.model.roi_heads.mask_head.conv_norm = mabn_norm
-model.model.pixel_std = [57.375, 57.120, 58.395]
+model.roi_heads.mask_head.conv_norm = mabn_norm
+model.pixel_std = [57.375, 57.120, 58.395]
 
 train.init_checkpoint = ""
 train.max_iter = 180000  # 2x at 16 images per iteration

@@ -7,12 +7,14 @@ and a model pass that refuses training-mode models and never mutates its input.
 
 Two forms:
 
-* ``"frozen"``: every ``MABN2d`` becomes detectron2's ``FrozenBatchNorm2d`` (running_mean 0)
+* ``"frozen"``: every ``MABN2d`` becomes detectron2's ``FrozenBatchNorm2d`` (running_mean 0),
+  as does every layer of another norm of the table that folds (`mabn_d2.norms.NormSpec.fold`),
   and every ``CenteredConv2d`` a detectron2 ``Conv2d`` holding the centered weight. The
   state_dict loads into a stock model built with NORM "FrozenBN" and, under torch.no_grad,
   gives the same outputs bit for bit (the same ops run on the same numbers).
 * ``"fused"``: the affine also goes into the weight and bias of the convolution feeding it, so
-  the norm costs nothing (export and deployment; not loadable into a stock config).
+  the norm costs nothing (export and deployment; not loadable into a stock config). Only MABN2d
+  is fused; the layers of other table norms stay a frozen affine (listed as unfused).
 
 Per-level norms (a module list of MABN2d applied in turn to the FPN levels of a RetinaNet head,
 after an optional shared affine as in detectron2's ``CycleBatchNormList``): stock RetinaNetHead
@@ -34,6 +36,7 @@ from torch import nn
 
 from ..layers import CenteredConv2d, MABN2d, centered_weight
 from ..layers.base import frozen_batchnorm_from
+from ..norms import folded_norm_names, norm_spec
 
 __all__ = [
     "FOLD_MODES",
@@ -76,7 +79,7 @@ class FoldReport:
     """What `fold_mabn` changed, by module name (names in the folded model)."""
 
     mode: str
-    frozen_norms: List[str] = field(default_factory=list)  # MABN2d -> FrozenBatchNorm2d
+    frozen_norms: List[str] = field(default_factory=list)  # MABN2d (a table norm that folds) -> FrozenBatchNorm2d
     plain_convs: List[str] = field(default_factory=list)  # CenteredConv2d -> Conv2d
     fused_convs: List[str] = field(default_factory=list)  # conv absorbed the MABN affine
     per_level_norms: List[str] = field(default_factory=list)  # kept per level (CycleBatchNormList)
@@ -301,6 +304,8 @@ def _fuse_convs(model: nn.Module, report: FoldReport) -> None:
     for name, module in model.named_modules():
         if isinstance(module, MABN2d):
             report.unfused_norms[name] = "no convolution feeds it directly"
+        elif isinstance(module, _folded_classes()):
+            report.unfused_norms[name] = f"only MABN2d is fused; {type(module).__name__} stays a frozen affine"
         elif name in collapsed and isinstance(module, FrozenBatchNorm2d):
             report.unfused_norms[name] = "collapsed per-level norm with no convolution right before it"
     for name in report.per_level_norms:
@@ -329,9 +334,15 @@ def _foldable_conv(module: nn.Module) -> bool:
     )
 
 
+def _folded_classes() -> Tuple[type, ...]:
+    """The layers of the table's norms that fold (MABN2d, ...): in eval mode each is a FrozenBatchNorm2d."""
+    return tuple(norm_spec(name).layer for name in folded_norm_names())
+
+
 def _freeze_norms(model: nn.Module, report: FoldReport) -> None:
+    folded = _folded_classes()
     for name, module in list(model.named_modules()):
-        if isinstance(module, MABN2d):
+        if isinstance(module, folded):
             _replace(model, name, frozen_batchnorm_from(module))
             report.frozen_norms.append(name)
         elif isinstance(module, FrozenBatchNorm2d):

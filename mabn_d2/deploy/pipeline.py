@@ -10,23 +10,23 @@ then replaced as a whole, never mixed with an earlier run's files.
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from detectron2.config import CfgNode
+from omegaconf import DictConfig
 from torch import nn
 
 from ..engine.atomic_io import atomic_write
 from ..engine.preflight import UsageError, check_device
-from ..modeling.registry import build_model
+from .config_forms import config_form
 from .errors import ExportError
 from .fold import FoldReport, fold_mabn
-from .frozen_config import frozen_config
 from .output_dir import EXPORT_FILES, FOLDED_CONFIG, FOLDED_WEIGHTS, FUSED_WEIGHTS, check_output_dir, staged_output_dir
 from .export_formats import (
     EXPORT_CHECK_IMAGES, EXPORT_FORMATS, ONNXRUNTIME_TOLERANCES, TORCHSCRIPT_LOAD_NOTE, export_onnx, export_torchscript,
 )
-from .strict_load import build_and_load, check_finite, check_state_dict_matches, save_checkpoint
-from .verify import TOLERANCES, PredictionDiff, compare_predictions, raw_predictions, verification_inputs
+from .strict_load import check_finite, check_state_dict_matches, save_checkpoint
+from .verify import TOLERANCES, PredictionDiff, compare_predictions, raw_predictions
 
 __all__ = ["FoldResult", "fold_checkpoint"]
 
@@ -44,7 +44,7 @@ class FoldResult:
 
 
 def fold_checkpoint(
-    cfg: CfgNode,
+    cfg: Union[CfgNode, DictConfig],
     weights: str,
     output_dir: str,
     *,
@@ -62,11 +62,12 @@ def fold_checkpoint(
     Writes model_folded.pth + config_folded.yaml (the frozen form, loadable with stock
     get_cfg/build_model/DetectionCheckpointer). With `fuse`, also model_fused.pth (norms folded
     into convs; only for export, it matches no config) and the export uses the fused form.
-    `verify` > 0 compares the original and folded predictions on that many images and raises
-    ExportError above `tolerances`; the export is compared with eager on the same images
-    (`EXPORT_CHECK_IMAGES` without `verify`). Every check runs before anything appears in `output_dir`,
-    which then holds exactly this run's files (a non-empty one needs `overwrite`, see
-    `check_output_dir`).
+    `cfg` is a YAML config or a LazyConfig (then the folded config is a LazyConfig saved as YAML,
+    which stock `LazyConfig.load` reads; `mabn_d2.deploy.config_forms`). `verify` > 0 compares the
+    original and folded predictions on that many images and raises ExportError above `tolerances`;
+    the export is compared with eager on the same images (`EXPORT_CHECK_IMAGES` without `verify`).
+    Every check runs before anything appears in `output_dir`, which then holds exactly this run's
+    files (a non-empty one needs `overwrite`, see `check_output_dir`).
     """
     if export is not None and export not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {export!r}; expected one of {EXPORT_FORMATS}")
@@ -75,19 +76,15 @@ def fold_checkpoint(
         check_device(device)
     except UsageError as error:
         raise ExportError(str(error)) from None
-    build_cfg = cfg.clone()
-    build_cfg.defrost()
-    build_cfg.MODEL.DEVICE = device
-    model = build_and_load(build_cfg, weights, config_name)
+    config = config_form(cfg, device)
+    model = config.build_and_load(weights, config_name)
     frozen, report = fold_mabn(model, "frozen")
     logger.info(report.summary())
 
     final_weights = os.path.join(os.path.abspath(output_dir), FOLDED_WEIGHTS)
-    folded_cfg = frozen_config(cfg, report, weights=final_weights)
-    stock_cfg = folded_cfg.clone()
-    stock_cfg.MODEL.DEVICE = device
+    folded_text = config.folded_config(report, final_weights)
     check_state_dict_matches(
-        build_model(stock_cfg), frozen.state_dict(), f"folded model vs {FOLDED_CONFIG} (stock build)"
+        config.build_folded(), frozen.state_dict(), f"folded model vs {FOLDED_CONFIG} (stock build)"
     )
     forms = {"frozen": frozen}
     if fuse:
@@ -97,9 +94,10 @@ def fold_checkpoint(
         check_finite(form, f"the {name} model")
 
     num_images = verify if verify > 0 else EXPORT_CHECK_IMAGES
-    inputs = verification_inputs(build_cfg, num_images, images) if (verify > 0 or export) else []
+    inputs = config.inputs(num_images, images) if (verify > 0 or export) else []
     if export and not inputs:
-        raise ExportError("cannot export: no input image (give --images or a non-empty DATASETS.TEST)")
+        raise ExportError("cannot export: no input image (give --images, or a non-empty DATASETS.TEST / "
+                          "dataloader.test)")
     result = FoldResult(report=report, files=[])
     if verify > 0:
         reference = raw_predictions(model, inputs[:verify])
@@ -117,7 +115,7 @@ def fold_checkpoint(
     try:
         with staged_output_dir(output_dir) as stage:
             save_checkpoint(frozen, os.path.join(stage, FOLDED_WEIGHTS))
-            atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_cfg.dump()), mode="w")
+            atomic_write(os.path.join(stage, FOLDED_CONFIG), lambda f: f.write(folded_text), mode="w")
             names = [FOLDED_WEIGHTS, FOLDED_CONFIG]
             if fuse:
                 save_checkpoint(forms["fused"], os.path.join(stage, FUSED_WEIGHTS))

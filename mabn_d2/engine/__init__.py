@@ -2,7 +2,8 @@
 (checkpoint, rank_state, train_stream), atomic writes (atomic_io), configuration and device
 checks before anything is written (preflight), the evaluator by dataset type (evaluation), and
 MABN's health in the training log (health: `MABNHealthHook`, which a stock DefaultTrainer adds with
-`trainer.register_hooks([MABNHealthHook()])`).
+`trainer.register_hooks([MABNHealthHook()])`), and LazyConfig (.py) runs with the same parts (lazy:
+loading, overrides, checks and the model; lazy_trainer: `LazyMABNTrainer`).
 
 `import mabn_d2` does not import this package; `tools/train_net.py` and the trainer do.
 """

@@ -10,8 +10,9 @@
 - `resume_or_load(resume=True)` raises `CheckpointError` with one line naming the unreadable
   file and the other checkpoints in the folder, instead of a bare EOFError; a save on a full
   disk raises one naming the file and the checkpoint kept, instead of torch's zip-writer error;
-- each checkpoint carries a sha256 of its model state, which every load and `check_resume_point`
-  verify: a file whose bytes changed after it was written is named as damaged, not trained on;
+- each checkpoint carries a sha256 of its model state, which every load, `read_checkpoint` and
+  `check_resume_point` verify: a file whose bytes changed after it was written is named as
+  damaged, not trained on, folded, re-estimated or evaluated;
 - MABN ring buffers missing from a checkpoint (weights converted from BatchNorm) are reported
   as expected, not mixed into the warning about keys that are really missing; so are the FPN
   and heads missing from a backbone converted by `tools/convert_pretrained.py`. What stays in
@@ -112,8 +113,12 @@ def verify_checksum(data: Mapping[str, Any], path: str) -> None:
                               f"saved with it ({MODEL_CHECKSUM_KEY}); the file changed after it was written")
 
 
-def read_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """torch.load(`path`) on the CPU, or CheckpointError with one line saying what is wrong."""
+def read_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> Dict[str, Any]:
+    """torch.load(`path`) on the CPU, or CheckpointError with one line saying what is wrong.
+
+    With `verify` (the default: whatever reads a checkpoint to use it), a model state that differs
+    from the checksum saved with it is refused as damaged, naming the file, as a resume refuses it.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -124,6 +129,8 @@ def read_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise CheckpointError(describe_unreadable(path, error)) from error
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict of states")
+    if verify:
+        verify_checksum(data, path)
     return data
 
 
@@ -176,7 +183,7 @@ def check_resume_point(save_dir: str) -> Optional[str]:
         return None
     path = _named_checkpoint(save_dir)
     try:
-        verify_checksum(read_checkpoint(path, mmap=True), path)
+        read_checkpoint(path, mmap=True)  # verified against its checksum
     except CheckpointError as error:
         raise CheckpointError(_cannot_resume(save_dir, path, str(error))) from error
     return path

@@ -9,15 +9,19 @@ TensorBoard through detectron2's writers):
 - `mabn/r_clipped_fraction`: the share of channels whose re-normalization factor r is at its clip;
 - `mabn/chi2_log_ratio_abs_median` and `mabn/chi2_log_ratio_median`: the median over layers and
   channels of |log(chi2_B / SMA)| and of the signed log ratio, chi2_B being the latest batch's
-  statistic (its ring-buffer row) and SMA the buffer's mean, what the layer divides by.
-
-The layers do not count the batches whose statistic was not finite (they leave the state
-unchanged and go on); such a count needs a device counter in both implementations of the step,
-and is not reported yet.
+  statistic (its ring-buffer row) and SMA the buffer's mean, what the layer divides by;
+- `mabn/nonfinite_skipped`: training batches whose chi2_B or Psi_B was NaN or infinite, and which
+  the layers therefore kept out of their moving averages, a running total since the layers were
+  built (this process: the count is not checkpointed, a resumed run counts from 0). It is the
+  largest per-layer count, i.e. the batches skipped by the most affected layer: a NaN batch that
+  reaches every layer counts once, not once per layer. A rising value flags fp16 gradient
+  overflows under AMP or bad inputs, which training otherwise survives silently.
 
 Cost: the scalars are computed from the layers' state once per `period` iterations, one host
 read per period; between periods the hook reads only host integers (the layers' iteration counts),
-so a training step spends no synchronisation on it.
+so a training step spends no synchronisation on it. The layers count skipped batches on the
+device (`layers/nonfinite.py`, in both implementations of the step), so that count too is read
+once per period. tools/benchmark_train.py --health-overhead measures what the hook costs a step.
 """
 import logging
 from typing import List, Optional
@@ -47,6 +51,13 @@ def layer_phase(layer: MABN2d) -> int:
     return 1
 
 
+def _skip_count(layers: List[MABN2d]) -> Optional[torch.Tensor]:
+    """The largest `nonfinite_skipped` count of the layers, on their device (None if none keeps one)."""
+    counts = [record[0] for record in (layer._buffers.get("nonfinite_skipped") for layer in layers)
+              if record is not None]
+    return torch.stack(counts).max() if counts else None
+
+
 @torch.no_grad()
 def mabn_health_scalars(layers: List[MABN2d]) -> dict:
     """{name: float} of the `mabn/` scalars for these layers, from their state (one host read)."""
@@ -65,16 +76,23 @@ def mabn_health_scalars(layers: List[MABN2d]) -> dict:
             clipped.append(((r <= 1.0 / layer.renorm_clip) | (r >= layer.renorm_clip)).sum())
         channels += layer.num_features
     scalars = {"mabn/phase": float(min(phases)) if phases else 0.0}
+    names, reads = [], []
     if ratios:
         log_ratio = torch.cat(ratios)
         finite = log_ratio[torch.isfinite(log_ratio)]
-        values = torch.stack([
+        names += ["mabn/chi2_log_ratio_abs_median", "mabn/chi2_log_ratio_median", "mabn/r_clipped_fraction"]
+        reads += [
             finite.abs().median() if finite.numel() else log_ratio.new_tensor(float("nan")),
             finite.median() if finite.numel() else log_ratio.new_tensor(float("nan")),
             torch.stack(clipped).sum().float() / channels if clipped else log_ratio.new_tensor(0.0),
-        ]).tolist()  # the one host read
-        scalars.update({"mabn/chi2_log_ratio_abs_median": values[0], "mabn/chi2_log_ratio_median": values[1],
-                        "mabn/r_clipped_fraction": values[2]})
+        ]
+    skipped = _skip_count(layers)
+    if skipped is not None:
+        names.append("mabn/nonfinite_skipped")
+        reads.append(skipped)
+    if reads:
+        values = torch.stack([value.float() for value in reads]).tolist()  # the one host read
+        scalars.update(zip(names, values))
     return scalars
 
 

@@ -15,11 +15,11 @@ from detectron2.config import CfgNode
 
 from ..layers.backend import BACKEND_ENV_VAR, selected_backend, triton_installed
 from ..modeling.registry import NORMS, STOCK_NORMS, valid_norm_names
+from ..norms import triton_step_norm_names
 
 __all__ = ["STOCK_NORMS", "UsageError", "check_backend", "check_device", "check_norm_names", "check_solver",
            "check_writable_dir", "first_line", "norm_items", "valid_norm_names"]
 
-MOVING_AVERAGE_NORMS = ("MABN", "BRN")  # the NORM names whose training step MABN_D2_BACKEND picks
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR")  # detectron2's build_lr_scheduler
 
 
@@ -101,7 +101,7 @@ def check_backend(cfg: CfgNode) -> None:
         backend = selected_backend()
     except ValueError as error:  # names the variable, its value and the valid ones
         raise UsageError(str(error)) from None
-    if backend != "triton" or not any(value in MOVING_AVERAGE_NORMS for _, value in norm_items(cfg)):
+    if backend != "triton" or not any(value in triton_step_norm_names() for _, value in norm_items(cfg)):
         return
     reason = _why_triton_cannot_run(cfg.MODEL.DEVICE)
     if reason:

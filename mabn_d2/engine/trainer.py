@@ -41,7 +41,7 @@ from .preflight import UsageError, check_device, check_norm_names, check_writabl
 from .rank_state import restore_rng_state
 from .train_stream import SeededStreamDataset, StreamPositionSampler
 
-__all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "setup_cfg", "TrainingStreamState"]
+__all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "ensure_final_checkpoint", "setup_cfg", "TrainingStreamState"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,26 +133,7 @@ class MABNTrainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     def _ensure_final_checkpoint(self) -> None:
-        """Write model_final.pth again from the resumed state if it is missing or unreadable.
-
-        The resumed checkpoint holds the state at the last iteration, which is what
-        model_final.pth holds; a crash while writing it must not end in a run that reports
-        success without a usable final model.
-        """
-        path = os.path.join(self.cfg.OUTPUT_DIR, f"{FINAL_CHECKPOINT}.pth")
-        problem = None
-        if comm.is_main_process():
-            try:
-                read_checkpoint(path, mmap=True)
-            except CheckpointError as error:
-                problem = str(error)
-        problem = comm.all_gather(problem)[0]
-        if problem:
-            logging.getLogger(__name__).warning(
-                "Training already reached SOLVER.MAX_ITER %d, but %s; writing it again from the resumed "
-                "state (iteration %d).", self.max_iter, problem, self.iter,
-            )
-            self.checkpointer.save(FINAL_CHECKPOINT, iteration=self.iter)
+        ensure_final_checkpoint(self.checkpointer, self.iter, self.max_iter)
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, with the checkpoint hook on every process, not only the main one,
@@ -217,6 +198,30 @@ class MABNTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         """By the dataset's evaluator_type, as detectron2's train_net does (COCO for a bare json_file)."""
         return build_evaluator_for_dataset(cfg, dataset_name, output_folder)
+
+
+def ensure_final_checkpoint(checkpointer: MABNCheckpointer, iteration: int, max_iter: int,
+                            max_iter_key: str = "SOLVER.MAX_ITER") -> None:
+    """Write model_final.pth again from the resumed state if it is missing or unreadable.
+
+    For a run resumed after it had finished: the resumed checkpoint holds the state at the last
+    iteration, which is what model_final.pth holds; a crash while writing it must not end in a
+    run that reports success without a usable final model. Collective: every process calls it.
+    """
+    path = os.path.join(checkpointer.save_dir, f"{FINAL_CHECKPOINT}.pth")
+    problem = None
+    if comm.is_main_process():
+        try:
+            read_checkpoint(path, mmap=True)
+        except CheckpointError as error:
+            problem = str(error)
+    problem = comm.all_gather(problem)[0]
+    if problem:
+        logging.getLogger(__name__).warning(
+            "Training already reached %s %d, but %s; writing it again from the resumed state (iteration %d).",
+            max_iter_key, max_iter, problem, iteration,
+        )
+        checkpointer.save(FINAL_CHECKPOINT, iteration=iteration)
 
 
 def _identity(sample):

@@ -3,8 +3,9 @@
 When detectron2 loads weights, a tensor of another shape is skipped with a warning (that part
 of the model keeps its initialization), and MABN2d refuses a BatchNorm running_mean with a
 traceback; both happen in every training process, after OUTPUT_DIR is written. Here the
-checkpoint is read memory-mapped (shapes come from its index; only MABN running_means are read)
-and compared with the model built from the config on the CPU, once, before anything starts.
+checkpoint is read once, memory-mapped, and verified against the checksum saved with it (a file
+damaged after it was written is named as such, not compared), then compared with the model built
+from the config on the CPU, once, before anything starts.
 
 What must fit:
 - a resume point, and weights to evaluate: every tensor the model and the file share;
@@ -70,28 +71,29 @@ def model_layout(cfg: CfgNode) -> ModelLayout:
 
 def check_weights_fit(cfg: CfgNode, weights: str, *, eval_only: bool = False,
                       layout: Optional[ModelLayout] = None) -> None:
-    """CheckpointError naming what of MODEL.WEIGHTS `weights` does not fit the model `cfg` builds.
+    """CheckpointError naming what of MODEL.WEIGHTS `weights` cannot serve the model `cfg` builds.
 
-    Nothing is compared for an empty value, a URL, a .pkl (detectron2 renames Caffe2 names by
-    heuristics) or `?matching_heuristics=True`.
+    The file is read once: it must load (and match the checksum it was saved with); then, unless
+    detectron2 matches its names by heuristics (`?matching_heuristics=True`, .pyth), it must fit.
+    Nothing is read for an empty value or a URL; a .pkl (Detectron / Caffe2 pickles, which
+    detectron2 renames by heuristics) must only exist.
     """
-    path = _comparable_path(weights)
-    if path is None:
+    weights_file = _weights_file(weights)
+    if weights_file is None:
+        return
+    path = weights_file.path
+    if path.endswith(".pkl"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint not found: {path} (MODEL.WEIGHTS)")
         return
     state = _model_state(path)
-    if state is None:
+    if state is None or not weights_file.by_name:
         return
     layout = layout or model_layout(cfg)
-    ring = _ring_size_change(state, layout)
-    if ring:
-        key, shape, size = ring
-        raise CheckpointError(f"MODEL.WEIGHTS {path}: its MABN ring buffers hold {shape[0]} iterations ({key} is "
-                              f"{_dims(shape)}) and this config builds them for {size} (MODEL.MABN.BUFFER_SIZE); "
-                              f"train with MODEL.MABN.BUFFER_SIZE {shape[0]}")
-    checked = None if eval_only else (lambda key: key.startswith("backbone.") or key in layout.mabn_state)
-    problem = _fit_problem(state, layout, checked)
-    if problem:
-        raise CheckpointError(f"MODEL.WEIGHTS {path}: {problem}")
+    mabn_state = layout.mabn_state
+    checked = None if eval_only else (lambda key: key.startswith("backbone.") or key in mabn_state)
+    _check_state_fits(state, layout, checked, f"MODEL.WEIGHTS {path}",
+                      buffer_size_remedy="train with MODEL.MABN.BUFFER_SIZE {size}")
 
 
 def check_resume_fits(cfg: CfgNode, path: str, layout: Optional[ModelLayout] = None) -> None:
@@ -102,34 +104,51 @@ def check_resume_fits(cfg: CfgNode, path: str, layout: Optional[ModelLayout] = N
     state = _model_state(path)
     if state is None:
         return
-    layout = layout or model_layout(cfg)
+    config = os.path.join(os.path.dirname(path), "config.yaml")
+    _check_state_fits(state, layout or model_layout(cfg), None, f"cannot resume from {path}",
+                      buffer_size_remedy="resume with MODEL.MABN.BUFFER_SIZE {size}, or train anew in another "
+                                         "OUTPUT_DIR",
+                      fit_remedy=f"resume with the config it was trained with ({config}), or train anew in "
+                                 "another OUTPUT_DIR")
+
+
+def _check_state_fits(state: Mapping[str, Any], layout: ModelLayout, checked: KeyFilter, subject: str, *,
+                      buffer_size_remedy: str, fit_remedy: str = "") -> None:
+    """CheckpointError `<subject>: <problem>; <remedy>` for the first problem of `state` against `layout`.
+
+    A changed MODEL.MABN.BUFFER_SIZE comes first and is named as such: every ring buffer then has
+    another shape, which the shape comparison would report as many unrelated keys.
+    `buffer_size_remedy` is formatted with the file's buffer length as `size`.
+    """
     ring = _ring_size_change(state, layout)
     if ring:
         key, shape, size = ring
-        raise CheckpointError(f"cannot resume from {path}: MODEL.MABN.BUFFER_SIZE changed from {shape[0]} to {size} "
-                              f"({key} is {_dims(shape)} in the file); resume with MODEL.MABN.BUFFER_SIZE "
-                              f"{shape[0]}, or train anew in another OUTPUT_DIR")
-    problem = _fit_problem(state, layout, None)
+        raise CheckpointError(f"{subject}: MODEL.MABN.BUFFER_SIZE changed from {shape[0]} to {size} ({key} is "
+                              f"{_dims(shape)} in the file); {buffer_size_remedy.format(size=shape[0])}")
+    problem = _fit_problem(state, layout, checked)
     if problem:
-        config = os.path.join(os.path.dirname(path), "config.yaml")
-        raise CheckpointError(f"cannot resume from {path}: {problem}; resume with the config it was trained with "
-                              f"({config}), or train anew in another OUTPUT_DIR")
+        raise CheckpointError(f"{subject}: {problem}" + (f"; {fit_remedy}" if fit_remedy else ""))
 
 
-def _comparable_path(weights: str) -> Optional[str]:
-    """The local file of MODEL.WEIGHTS whose keys detectron2 loads by name, or None."""
+class _WeightsFile(NamedTuple):
+    path: str  # the local file
+    by_name: bool  # detectron2 loads its keys by name (no matching heuristics): they can be compared
+
+
+def _weights_file(weights: str) -> Optional[_WeightsFile]:
+    """MODEL.WEIGHTS as DetectionCheckpointer.load parses it (urlparse; the query, such as
+    `?matching_heuristics=True`, is not part of the file name), or None for an empty value or a URL."""
     if not weights or "://" in weights:
         return None
     parsed = urlparse(weights)
-    if parse_qs(parsed.query).get("matching_heuristics") == ["True"]:
-        return None
     path = parsed._replace(query="").geturl()
-    return None if path.endswith((".pkl", ".pyth")) else path
+    heuristics = parse_qs(parsed.query).get("matching_heuristics") == ["True"] or path.endswith((".pkl", ".pyth"))
+    return _WeightsFile(path, not heuristics)
 
 
 def _model_state(path: str) -> Optional[Mapping[str, Any]]:
-    """The model state of a checkpoint (memory-mapped, as detectron2 reads it), or None when its
-    names are matched by heuristics at load."""
+    """The model state of a checkpoint (memory-mapped, as detectron2 reads it; verified against the
+    checksum saved with it), or None when its names are matched by heuristics at load."""
     data = read_checkpoint(path, mmap=True)
     if data.get("matching_heuristics", False):
         return None

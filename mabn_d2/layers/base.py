@@ -25,6 +25,7 @@ class MABNPhase(NamedTuple):
     slot: int  # ring-buffer row written by this iteration
     use_batch_statistics: bool  # early phase: chi2_B and Psi_B instead of their moving averages
     renormalize: bool  # apply the clipped re-normalization factor r
+    buffer_size: int  # ring-buffer rows (the layer's buffer_size): what `slot` indexes and the averages read
 
 
 def mabn_phase(
@@ -33,11 +34,12 @@ def mabn_phase(
     """The phase of 1-based training iteration `iteration` (see docs/algorithm.md)."""
     if iteration < 1:
         raise ValueError(f"iteration must be >= 1, got {iteration}")
-    return MABNPhase(  # iteration, slot, use_batch_statistics, renormalize (positional: built every step)
+    return MABNPhase(  # iteration, slot, use_batch_statistics, renormalize, buffer_size (positional: built every step)
         iteration,
         iteration % buffer_size,
         iteration <= buffer_size or iteration < warmup_iters,
         iteration > max(renorm_warmup_iters, warmup_iters),
+        buffer_size,
     )
 
 

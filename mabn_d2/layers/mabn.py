@@ -17,12 +17,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import refuse_graph_capture, use_triton
-from .base import MABNPhase, MovingAverageNorm, running_var_decay
+from .base import _DEFAULTS, MABNPhase, MovingAverageNorm, running_var_decay
 from .centering_check import ALLOWED, CHECKED, UncenteredInputError, input_centering_problem, uncentered_input_message
 from .channel_ops import (
     accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_sum_of_squares, channel_view,
     keep_finite,
 )
+from .nonfinite import count_nonfinite_, new_nonfinite_record
 from .triton.mabn import TritonMABNFunction, triton_mabn_unsupported_reason
 from .triton.probe import probe_triton_mabn
 
@@ -43,7 +44,11 @@ def mabn_inference(
 
 
 class MABNFunction(torch.autograd.Function):
-    """One MABN training step. Updates the layer state in place (ring buffers, running_var)."""
+    """One MABN training step. Updates the layer state in place (ring buffers, running_var).
+
+    `nonfinite` (optional, the layer's `nonfinite_skipped` record) counts the step once when its
+    chi2_B or Psi_B had a non-finite channel, which `keep_finite` then kept out of the state.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -58,11 +63,14 @@ class MABNFunction(torch.autograd.Function):
         ema_decay: float,
         eps: float,
         renorm_clip: float,
+        nonfinite: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         count = x.numel() // x.shape[1]
         sum_x2 = channel_sum_of_squares(x, accumulation_dtype(x, running_var))
         chi2_batch = (sum_x2 / count).to(running_var.dtype)
         x2_buffer[phase.slot] = keep_finite(chi2_batch, x2_buffer[phase.slot])
+        if nonfinite is not None:
+            count_nonfinite_(nonfinite, chi2_batch, phase.iteration)
         chi2 = chi2_batch if phase.use_batch_statistics else x2_buffer.mean(0)
 
         r: Optional[torch.Tensor] = None
@@ -76,6 +84,7 @@ class MABNFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, scale, chi2, r)
         ctx.gz_buffer = gz_buffer
+        ctx.nonfinite = nonfinite
         ctx.phase = phase
         ctx.eps = eps
         ctx.count = count
@@ -95,6 +104,8 @@ class MABNFunction(torch.autograd.Function):
         sum_dy = channel_sum(grad_out, accumulate) if ctx.needs_input_grad[2] else None
         psi_batch = (scale * sum_dy_z / ctx.count).to(gz_buffer.dtype)
         gz_buffer[phase.slot] = keep_finite(psi_batch, gz_buffer[phase.slot])
+        if ctx.nonfinite is not None:
+            count_nonfinite_(ctx.nonfinite, psi_batch, phase.iteration)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -103,7 +114,7 @@ class MABNFunction(torch.autograd.Function):
             grad_x = channel_normalize(grad_out, chi2, scale, None, ctx.eps)
             grad_x.addcmul_(x, channel_view(psi * inv_std.square()), value=-1)
         grad_weight = sum_dy_z if r is None else sum_dy_z * r
-        return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None
+        return grad_x, grad_weight, sum_dy, None, None, None, None, None, None, None, None
 
 
 def _first_use_check(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
@@ -126,6 +137,12 @@ class MABN2d(MovingAverageNorm):
                            written to the buffer when read or saved; set it with load_state_dict)
       x2_buffer, gz_buffer ring buffers [buffer_size, C] of chi2_B and Psi_B
 
+    Not state (a non-persistent buffer, so checkpoints with or without it load, and folding
+    never sees it): `nonfinite_skipped`, int64 [2], the training batches whose chi2_B or Psi_B
+    was NaN or infinite and so kept out of the state ([0]; [1] is the latest iteration counted),
+    counted on the device by both implementations of the step (see `nonfinite`). It counts from
+    construction (or `reset_running_stats`), not across a resume; `MABNHealthHook` reports it.
+
     A state_dict whose running_mean is not zero (a BatchNorm checkpoint) is refused with an
     error naming the key, and the buffer stays zero: silently dropping a BatchNorm mean would
     change what the loaded network computes. `tools/convert_pretrained.py` turns BatchNorm
@@ -144,6 +161,25 @@ class MABN2d(MovingAverageNorm):
     # How this layer's input is known to suit MABN: CENTERED / ALLOWED (set by prepare_mabn_model
     # and allow_uncentered), CHECKED (its first training step), None (not yet known). Not state.
     input_centering: Optional[str] = None
+
+    def __init__(
+        self,
+        num_features: int,
+        buffer_size: int = _DEFAULTS["buffer_size"],
+        ema_decay: float = _DEFAULTS["ema_decay"],
+        warmup_iters: int = _DEFAULTS["warmup_iters"],
+        renorm_warmup_iters: int = _DEFAULTS["renorm_warmup_iters"],
+        renorm_clip: float = _DEFAULTS["renorm_clip"],
+        eps: float = _DEFAULTS["eps"],
+    ):
+        super().__init__(num_features, buffer_size, ema_decay, warmup_iters, renorm_warmup_iters, renorm_clip, eps)
+        self.register_buffer("nonfinite_skipped", new_nonfinite_record(), persistent=False)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        record = self._buffers.get("nonfinite_skipped")
+        if record is not None:
+            record.zero_()
 
     @property
     def allow_uncentered(self) -> bool:
@@ -179,6 +215,7 @@ class MABN2d(MovingAverageNorm):
         buffers = self._buffers  # direct reads: no Module.__getattr__ per buffer
         running_var = buffers["running_var"]
         state = (*self._affine(), running_var, buffers["x2_buffer"], buffers["gz_buffer"])
+        nonfinite = buffers.get("nonfinite_skipped")  # absent from a layer unpickled from an older version
         decisions = self.__dict__.get("_backend_decisions")
         if decisions is None:
             decisions = self.__dict__["_backend_decisions"] = {}
@@ -186,7 +223,7 @@ class MABN2d(MovingAverageNorm):
                             _first_use_check, running_var.dtype, decisions)
         phase = self._next_phase()
         return (TritonMABNFunction if triton else MABNFunction).apply(
-            x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip
+            x, *state, phase, running_var_decay(self.ema_decay, phase), self.eps, self.renorm_clip, nonfinite
         )
 
     _training_step_outside_graph = torch.compiler.disable(_training_step)
@@ -224,6 +261,9 @@ class MABN2d(MovingAverageNorm):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        record = self._buffers.get("nonfinite_skipped")
+        if record is not None:  # the iteration count may go back: forget the latest one counted
+            record[1].zero_()
         key = prefix + "running_mean"
         mean = state_dict.get(key)
         if mean is not None and not mean.is_meta and bool(torch.count_nonzero(mean)):

@@ -4,31 +4,35 @@
 parameters of the norm classes listed inside the function (an isinstance check with no hook),
 so without help MABN2d / BatchRenorm2d parameters would take SOLVER.WEIGHT_DECAY. The hook
 installed by `register_norms` wraps that function: it runs the original, then gives every
-parameter owned by a moving-average norm (or a per-level list's shared affine) the norm weight
+parameter owned by a norm of the norm table (or a per-level list's shared affine) the norm weight
 decay, unless an override by parameter name (WEIGHT_DECAY_BIAS for "bias") sets one, exactly
 the order detectron2 applies to BN. The learning rate (BIAS_LR_FACTOR by name,
 lr_factor_func) is already the same as BN's and is left untouched.
 """
 import functools
 import inspect
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from detectron2.solver.build import reduce_param_groups
 from torch import nn
 
-from ..layers import BatchRenorm2d, MABN2d
+from ..norms import norm_layer_classes
 from .cycle import CycleMABNList
 
-__all__ = ["NORM_PARAMETER_OWNERS", "extend_get_default_optimizer_params", "norm_weight_decay"]
+__all__ = ["norm_parameter_owners", "extend_get_default_optimizer_params", "norm_weight_decay"]
 
-# Modules whose own parameters are a norm's affine: detectron2 would call them norm parameters.
-NORM_PARAMETER_OWNERS = (MABN2d, BatchRenorm2d, CycleMABNList)
+
+def norm_parameter_owners() -> Tuple[type, ...]:
+    """Modules whose own parameters are a norm's affine (detectron2 would call them norm parameters):
+    the norm table's layers and the per-level lists' shared affine."""
+    return norm_layer_classes() + (CycleMABNList,)
 
 
 def _norm_parameter_names(model: nn.Module) -> Dict[int, str]:
     """id(parameter) -> its name in its norm module ("weight", "bias")."""
+    owners = norm_parameter_owners()
     return {
-        id(p): name for module in model.modules() if isinstance(module, NORM_PARAMETER_OWNERS)
+        id(p): name for module in model.modules() if isinstance(module, owners)
         for name, p in module.named_parameters(recurse=False)
     }
 

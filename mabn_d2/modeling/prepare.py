@@ -12,11 +12,12 @@ treats them like any other norm. Three things it cannot know are done here, on t
    first training step and refuses a raw-weight convolution; `allow_uncentered` is the opt-out.
 2. Frozen stages. `ResNet.freeze` (FREEZE_AT) sets requires_grad=False on a stage's parameters
    and converts the BatchNorm classes it knows to FrozenBatchNorm2d, leaving the others alone.
-   A moving-average norm whose parameters are all frozen is therefore in a frozen stage and
-   becomes the FrozenBatchNorm2d of its eval-mode function (iteration counter kept).
+   A norm of the norm table (`mabn_d2.norms`: MABN2d, BatchRenorm2d, ...) whose parameters are
+   all frozen is therefore in a frozen stage and becomes the FrozenBatchNorm2d of its eval-mode
+   function (iteration counter kept).
 3. Shared heads. RetinaNet's head (FCOS's too) applies each norm to every FPN level in turn;
-   each such norm becomes one norm per level (`CycleMABNList`), as detectron2 does for "BN"
-   with CycleBatchNormList (their convolutions are then centralized by step 1).
+   each such norm of the table becomes one norm per level (`CycleMABNList`), as detectron2 does
+   for "BN" with CycleBatchNormList (their convolutions are then centralized by step 1).
 
 The hooked `build_model` runs the pass, so DefaultTrainer, DefaultPredictor and every
 `build_model` caller get it; a model built another way (by hand, `instantiate`) calls it.
@@ -30,24 +31,22 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
-from ..layers import BatchRenorm2d, CenteredConv2d, MABN2d, centralize_conv_
+from ..layers import CenteredConv2d, MABN2d, centralize_conv_
 from ..layers.base import MovingAverageNorm, frozen_batchnorm_from
 from ..layers.centering_check import ALLOWED, CENTERED
+from ..norms import norm_layer_classes
 from .cycle import CycleMABNList
 
-__all__ = ["prepare_mabn_model", "allow_uncentered", "MOVING_AVERAGE_NORMS", "feeds_mabn"]
+__all__ = ["prepare_mabn_model", "allow_uncentered", "feeds_mabn"]
 
 logger = logging.getLogger(__name__)
-
-# The norms this pass freezes and gives per-level statistics in shared heads.
-MOVING_AVERAGE_NORMS: Tuple[type, ...] = (MABN2d, BatchRenorm2d)
 
 
 def prepare_mabn_model(model: nn.Module) -> nn.Module:
     """Centralize the convolutions feeding MABN, freeze the norms of frozen stages, and give
     shared heads per-level norms; in place, and a second call changes nothing.
 
-    Call it on a model as built, before training: a moving-average norm whose parameters are
+    Call it on a model as built, before training: a norm of the table whose parameters are
     all requires_grad=False is taken to belong to a frozen stage. MABN layers opted out with
     `allow_uncentered` keep their plain convolutions. Returns `model`, or, when
     `model` is itself such a norm, the FrozenBatchNorm2d replacing it (as detectron2's
@@ -123,12 +122,13 @@ def _sequential_pairs(model: nn.Module) -> Iterator[_Pair]:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Keeps convolutions and norms as single calls: their own forward is not traced."""
+    """Keeps convolutions and norms (the table's, and MABN variants) as single calls: their own
+    forward is not traced."""
 
-    _LEAVES = (nn.Conv2d, MovingAverageNorm, BatchRenorm2d, CycleMABNList)
+    _LEAVES = (nn.Conv2d, MovingAverageNorm, CycleMABNList)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, self._LEAVES) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, self._LEAVES + norm_layer_classes()) or super().is_leaf_module(module, qualified_name)
 
 
 def _traced_pairs(model: nn.Module, wanted: Set[int]) -> Iterator[_Pair]:
@@ -225,8 +225,8 @@ def allow_uncentered(model: nn.Module) -> nn.Module:
 
 
 def _in_frozen_stage(module: nn.Module) -> bool:
-    """A moving-average norm whose own parameters exist and are all frozen."""
-    if not isinstance(module, MOVING_AVERAGE_NORMS):
+    """A norm of the table whose own parameters exist and are all frozen."""
+    if not isinstance(module, norm_layer_classes()):
         return False
     params = list(module.parameters(recurse=False))
     return bool(params) and not any(p.requires_grad for p in params)
@@ -282,10 +282,11 @@ def _level_count(name: str, head: RetinaNetHead, levels_by_head: Dict[int, int])
 
 
 def _shared_norm_slots(head: nn.Module) -> Iterator[Tuple[nn.Sequential, int, nn.Module]]:
+    table_norms = norm_layer_classes()
     for sequential in head.modules():
         if isinstance(sequential, nn.Sequential):
             for index, layer in enumerate(sequential):
-                if isinstance(layer, MOVING_AVERAGE_NORMS):
+                if isinstance(layer, table_norms):
                     yield sequential, index, layer
 
 

@@ -3,13 +3,15 @@
 detectron2 is hooked in three places, each wrapped once (the wrapper keeps the original as
 `__wrapped__`):
 
-- `get_norm`: "MABN" -> MABN2d, "BRN" -> BatchRenorm2d; every other value is delegated, and an
-  unknown name fails with the list of valid ones. YAML configs can only name a norm, and
+- `get_norm`: every NORM name of the norm table (`mabn_d2.norms`: "MABN" -> MABN2d, "BRN" ->
+  BatchRenorm2d, ...) builds its layer; every other value is delegated, and an unknown name
+  fails with the list of valid ones. YAML configs can only name a norm, and
   `get_norm` keeps its name table inside the function, so it is wrapped, and the modules of
   detectron2 (detectron2.projects included) that bound it at import are pointed at the
   wrapper; later importers get it from `detectron2.layers`.
-- `build_model`: runs the build inside the context holding cfg.MODEL.MABN / cfg.MODEL.BRN
-  (`get_norm` never sees the cfg), then `prepare_mabn_model`. Only detectron2's own modules are
+- `build_model`: runs the build inside the context holding the validated values of the table's
+  cfg sections, cfg.MODEL.MABN, cfg.MODEL.BRN, ... (`get_norm` never sees the cfg), then
+  `prepare_mabn_model`. Only detectron2's own modules are
   pointed at the wrapper, so its entry points (`DefaultTrainer`, `DefaultPredictor`, a later
   `from detectron2.modeling import build_model`) build MABN models; a user module or `__main__`
   keeps what it imported. The documented entry points are `mabn_d2.build_model(cfg)` and
@@ -23,19 +25,19 @@ detectron2 is hooked in three places, each wrapped once (the wrapper keeps the o
 
 Everything else MABN needs (centralized convolutions, frozen stages, per-level statistics in
 RetinaNet's head) is the explicit pass `mabn_d2.prepare_mabn_model`. Models built another way
-(by hand, `instantiate` of a LazyConfig) call it themselves; `mabn_build_context` gives the
-"MABN" strings hyper-parameters there, or the norm is a callable building MABN2d directly.
+(by hand, `instantiate` of a LazyConfig) call it themselves; `mabn_build_context` (any norm:
+`norm_build_context`) gives the "MABN" strings hyper-parameters there, or the norm is a callable
+building MABN2d directly.
 """
 import contextlib
 import functools
-import inspect
 import logging
 import re
 import sys
 import threading
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Tuple
+from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Mapping, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.layers import batch_norm as _d2_batch_norm
@@ -44,49 +46,54 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.solver import build as _d2_solver_build
 from torch import nn
 
-from ..config import brn_kwargs_from_cfg, mabn_kwargs_from_cfg, validate_mabn_config
-from ..layers import BatchRenorm2d, MABN2d
+from ..config import norm_settings
+from ..layers.hyperparams import HyperparameterValues
+from ..norms import STOCK_NORMS, NormSpec, norm_layer_classes, norm_spec, norm_specs
 from .optimizer_params import extend_get_default_optimizer_params
-from .prepare import MOVING_AVERAGE_NORMS, prepare_mabn_model
+from .prepare import prepare_mabn_model
 
 __all__ = ["STOCK_NORMS", "valid_norm_names", "register_norms", "build_model", "mabn_build_context",
-           "brn_build_context", "build_context_from_cfg", "NORMS"]
+           "brn_build_context", "norm_build_context", "build_context_from_cfg", "NORMS"]
 
 logger = logging.getLogger(__name__)
 
 _HOOK_MARK = "_mabn_d2_hook"
-# Norm names stock detectron2's get_norm knows (detectron2/layers/batch_norm.py).
-STOCK_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 _LOCK = threading.Lock()
 
-# Keyword arguments for the layers that "MABN" / "BRN" build; empty means the layer defaults.
-_MABN_KWARGS: ContextVar[Mapping[str, Any]] = ContextVar("mabn_d2_mabn_kwargs", default=MappingProxyType({}))
-_BRN_KWARGS: ContextVar[Mapping[str, Any]] = ContextVar("mabn_d2_brn_kwargs", default=MappingProxyType({}))
+# {NORM name: validated hyper-parameters} for the layers get_norm builds; a name absent: its defaults.
+_BUILD_VALUES: ContextVar[Mapping[str, HyperparameterValues]] = ContextVar(
+    "mabn_d2_build_values", default=MappingProxyType({}))
 
 
 # ---------------------------------------------------------------- build contexts
 
 
-def _layer_arguments(cls: type) -> set:
-    params = list(inspect.signature(cls.__init__).parameters)
-    return set(params[2:])  # drop self, num_features
+def _current_values(spec: NormSpec) -> HyperparameterValues:
+    values = _BUILD_VALUES.get().get(spec.name)
+    return spec.values() if values is None else values
 
 
 @contextlib.contextmanager
-def _layer_context(var: ContextVar, cls: type, kwargs: Dict[str, Any], context_name: str) -> Iterator[None]:
-    unknown = sorted(set(kwargs) - _layer_arguments(cls))
-    if unknown:
-        raise TypeError(
-            f"{context_name}: unknown {cls.__name__} argument(s) {unknown}; "
-            f"expected some of {sorted(_layer_arguments(cls))}"
-        )
-    merged = {**var.get(), **kwargs}
-    cls(1, **merged)  # fail here, not at the first layer deep inside a model build
-    token = var.set(MappingProxyType(merged))
+def _values_context(values: Mapping[str, HyperparameterValues]) -> Iterator[None]:
+    token = _BUILD_VALUES.set(MappingProxyType({**_BUILD_VALUES.get(), **values}))
     try:
         yield
     finally:
-        var.reset(token)
+        _BUILD_VALUES.reset(token)
+
+
+def _norm_context(norm: str, kwargs: Mapping[str, Any], context_name: str) -> ContextManager[None]:
+    """The context for NORM `norm` with `kwargs` over the enclosing values (checked here, once)."""
+    spec = norm_spec(norm)
+    return _values_context({norm: spec.replaced(_current_values(spec), kwargs, context_name)})
+
+
+@contextlib.contextmanager
+def norm_build_context(norm: str, **kwargs: Any) -> Iterator[None]:
+    """Layer arguments for every NORM `norm` built inside, for any norm of the table
+    (``norm_build_context("BRN", r_max=2.0)``); see `mabn_build_context`."""
+    with _norm_context(norm, kwargs, f"norm_build_context({norm!r})"):
+        yield
 
 
 @contextlib.contextmanager
@@ -96,52 +103,54 @@ def mabn_build_context(**kwargs: Any) -> Iterator[None]:
     `get_norm` never sees a cfg; `build_model` enters this context from cfg.MODEL.MABN, and
     models built by hand or from a LazyConfig use it directly (then `prepare_mabn_model`).
     Nested contexts override the enclosing one key by key; outside any context the MABN2d
-    defaults apply.
+    defaults apply. The arguments are checked on entering, not by each layer built inside.
     """
-    with _layer_context(_MABN_KWARGS, MABN2d, kwargs, "mabn_build_context"):
+    with _norm_context("MABN", kwargs, "mabn_build_context"):
         yield
 
 
 @contextlib.contextmanager
 def brn_build_context(**kwargs: Any) -> Iterator[None]:
     """Like `mabn_build_context`, for the BatchRenorm2d layers that "BRN" builds."""
-    with _layer_context(_BRN_KWARGS, BatchRenorm2d, kwargs, "brn_build_context"):
+    with _norm_context("BRN", kwargs, "brn_build_context"):
         yield
-
-
-def _has_section(cfg: Any, name: str) -> bool:
-    model = getattr(cfg, "MODEL", None)
-    return model is not None and name in model
 
 
 @contextlib.contextmanager
 def build_context_from_cfg(cfg: CfgNode) -> Iterator[None]:
-    """Enter the MABN / BRN contexts from cfg.MODEL.MABN / cfg.MODEL.BRN, after validating them.
+    """Enter the build context of every table norm whose section cfg has, with its validated values
+    (`mabn_d2.config.norm_settings`: validated once per section content, not again here).
 
     A cfg without those sections (add_mabn_config not called) changes nothing: the enclosing
     context, or the layer defaults, apply.
     """
-    validate_mabn_config(cfg)
-    with contextlib.ExitStack() as stack:
-        if _has_section(cfg, "MABN"):
-            stack.enter_context(mabn_build_context(**mabn_kwargs_from_cfg(cfg)))
-        if _has_section(cfg, "BRN"):
-            stack.enter_context(brn_build_context(**brn_kwargs_from_cfg(cfg)))
+    with _values_context(norm_settings(cfg)):
         yield
 
 
 # ---------------------------------------------------------------- the norm names
 
 
-def _build_mabn(channels: int) -> MABN2d:
-    return MABN2d(channels, **_MABN_KWARGS.get())
+def _build(norm: str, channels: int) -> nn.Module:
+    spec = norm_spec(norm)
+    return spec.build(channels, _current_values(spec))
 
 
-def _build_brn(channels: int) -> BatchRenorm2d:
-    return BatchRenorm2d(channels, **_BRN_KWARGS.get())
+class _NormBuilders(Mapping):
+    """NORM name -> a function building one layer, for every norm in the table at the time of the lookup."""
+
+    def __getitem__(self, name: str) -> Callable[[int], nn.Module]:
+        norm_spec(name)  # KeyError for a name the table does not have
+        return functools.partial(_build, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([spec.name for spec in norm_specs()])
+
+    def __len__(self) -> int:
+        return len(norm_specs())
 
 
-NORMS: Mapping[str, Callable[[int], nn.Module]] = MappingProxyType({"MABN": _build_mabn, "BRN": _build_brn})
+NORMS: Mapping[str, Callable[[int], nn.Module]] = _NormBuilders()
 
 
 # ---------------------------------------------------------------- detectron2's shared-norm warning
@@ -149,7 +158,7 @@ NORMS: Mapping[str, Callable[[int], nn.Module]] = MappingProxyType({"MABN": _bui
 
 class _PerLevelNormWarningFilter(logging.Filter):
     """Drops RetinaNetHead's "Shared BatchNorm ... may not work well" for the norms that
-    `prepare_mabn_model` gives per-level statistics right after the build; others still warn."""
+    `prepare_mabn_model` gives per-level statistics right after the build (the table's); others still warn."""
 
     _MESSAGE = re.compile(r"Shared BatchNorm \(type=<class '([\w.]+)'>\)")
 
@@ -159,7 +168,7 @@ class _PerLevelNormWarningFilter(logging.Filter):
             return True
         module_name, _, class_name = match.group(1).rpartition(".")
         cls = getattr(sys.modules.get(module_name), class_name, None)
-        return not (isinstance(cls, type) and issubclass(cls, MOVING_AVERAGE_NORMS))
+        return not (isinstance(cls, type) and issubclass(cls, norm_layer_classes()))
 
 
 _PER_LEVEL_NORM_WARNING_FILTER = _PerLevelNormWarningFilter()
@@ -266,7 +275,7 @@ def register_norms() -> None:
     """Install the three hooks described in the module docstring; calling it again changes nothing
     but pointing late bindings at them.
 
-    Called on ``import mabn_d2``. Every NORM value other than "MABN" / "BRN" keeps its
+    Called on ``import mabn_d2``. Every NORM value not in the norm table keeps its
     detectron2 behaviour, except that an unknown name is a ValueError listing the valid ones.
     """
     hooks = (
@@ -282,7 +291,7 @@ def register_norms() -> None:
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
-    """detectron2's build_model with the "MABN" / "BRN" hyper-parameters of cfg and the MABN pass
+    """detectron2's build_model with the hyper-parameters of cfg's norm sections and the MABN pass
     (`prepare_mabn_model`): the documented way to build a model from a config outside a trainer."""
     register_norms()
     with build_context_from_cfg(cfg), _per_level_norm_warning_dropped():

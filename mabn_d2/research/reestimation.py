@@ -9,6 +9,7 @@ from typing import Dict
 
 
 from ..engine.atomic_io import atomic_write_text
+from ..engine.checkpoint import MABNCheckpointer
 from ..engine.trainer import MABNTrainer, setup_cfg
 from ..modeling.precise_stats import update_mabn_running_var
 from ..data.builtin import register_demo_datasets
@@ -45,9 +46,9 @@ def reestimate_run_checkpoints(run_dir: str, output_dir: str, num_batches: int =
 
     Reads run_dir/config.yaml; evaluates model_final.pth, or with `all_evaluated` every
     checkpoint whose iteration the run evaluated. Results are appended to
-    output_dir/metrics.json; checkpoints already there are skipped.
+    output_dir/metrics.json; checkpoints already there are skipped. A checkpoint whose model
+    state differs from the checksum saved with it raises CheckpointError naming the file.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
@@ -73,7 +74,7 @@ def reestimate_run_checkpoints(run_dir: str, output_dir: str, num_batches: int =
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"{checkpoint} not found (needed for iteration {iterations})")
         model = MABNTrainer.build_model(cfg)
-        DetectionCheckpointer(model).load(checkpoint)
+        MABNCheckpointer(model).load(checkpoint, checkpointables=[])  # verified: a damaged file is named
         seed_all_rng(cfg.SEED + iterations)
         with EventStorage(iterations):  # detectron2's training forward logs into an event storage
             updated = update_mabn_running_var(model, build_detection_train_loader(cfg), num_batches)

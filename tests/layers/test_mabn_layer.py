@@ -215,6 +215,51 @@ def test_non_finite_batch_never_reaches_the_state(bad, iteration_count):
         assert torch.equal(layer.running_var[0], before["running_var"][0])
     else:  # moving average in use: it holds only finite rows, so the EMA advances finitely
         assert not torch.equal(layer.running_var[0], before["running_var"][0])
+    # One skipped batch, counted once although chi2_B and Psi_B were both non-finite.
+    assert layer.nonfinite_skipped.tolist() == [1, iteration_count]
+
+
+def test_skipped_batches_are_counted_on_the_device_without_host_reads():
+    layer = MABN2d(3, buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    with _ForbidHostSync():
+        for t in range(1, 8):
+            x = torch.randn(2, 3, 4, 4)
+            if t in (2, 6):
+                x[1, 2, 0, 0] = float("nan")
+            layer(x.requires_grad_()).pow(2).sum().backward()
+    assert layer.nonfinite_skipped.tolist() == [2, 6]
+
+
+def test_a_non_finite_gradient_alone_is_counted_and_kept_out_of_the_state():
+    """Psi_B non-finite with a finite forward (e.g. an fp16 gradient overflow under AMP)."""
+    layer = MABN2d(3, buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    layer(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+    gz_before = layer.gz_buffer.clone()
+    y = layer(torch.randn(2, 3, 4, 4, requires_grad=True))
+    dy = torch.ones_like(y)
+    dy[0, 1, 0, 0] = float("inf")
+    y.backward(dy)
+    assert layer.nonfinite_skipped.tolist() == [1, 2]
+    assert torch.equal(layer.gz_buffer[0, 1], gz_before[0, 1]), "the non-finite Psi_B row was written"
+    assert torch.isfinite(layer.gz_buffer).all()
+
+
+def test_the_skip_count_is_not_state():
+    """Not in state_dict: checkpoints written before it existed load strictly, and saved ones do not grow."""
+    layer = MABN2d(3, buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    for t in range(1, 4):
+        x = torch.randn(2, 3, 4, 4)
+        x[0, 0, 0, 0] = float("nan") if t == 3 else 0.0
+        layer(x.requires_grad_()).sum().backward()
+    assert "nonfinite_skipped" not in layer.state_dict()
+    assert dict(layer.named_buffers())["nonfinite_skipped"].tolist() == [1, 3]
+    restored = MABN2d(3, buffer_size=2, warmup_iters=3, renorm_warmup_iters=4)
+    restored.load_state_dict(layer.state_dict(), strict=True)
+    assert restored.nonfinite_skipped.tolist() == [0, 0]
+    layer.load_state_dict(restored.state_dict())  # the iteration count may go back: so does the latest counted
+    assert layer.nonfinite_skipped.tolist() == [1, 0]
+    layer.reset_running_stats()
+    assert layer.nonfinite_skipped.tolist() == [0, 0]
 
 
 def test_several_calls_before_one_backward():

@@ -38,6 +38,8 @@ COMPILE_SCRIPT = textwrap.dedent(
                 sig[p.name] = "*" + act
             elif p.name == "counters_ptr":
                 sig[p.name] = "*i32"
+            elif p.name == "nonfinite_ptr":
+                sig[p.name] = "*i64"
             elif p.name.endswith("_ptr"):
                 sig[p.name] = "*" + state
             else:

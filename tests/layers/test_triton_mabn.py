@@ -16,6 +16,7 @@ from mabn_d2.layers.triton import launch as triton_launch, mabn as triton_mabn
 from mabn_d2.layers import MABNFunction, mabn_phase
 from mabn_d2.layers.reference import ReferenceMABN
 from mabn_d2.layers.triton.launch import elementwise_plan, reduction_plan
+from mabn_d2.layers.nonfinite import new_nonfinite_record
 from mabn_d2.layers.triton.mabn import TritonMABNFunction
 
 from .triton_interpreter import requires_triton_interpreter
@@ -43,6 +44,7 @@ class LayerState:
     x2_buffer: torch.Tensor
     gz_buffer: torch.Tensor
     iteration: int = 0
+    nonfinite: torch.Tensor = dataclasses.field(default_factory=new_nonfinite_record)  # MABN2d.nonfinite_skipped
 
     @classmethod
     def fresh(cls, channels, dtype=torch.float32, buffer_size=PHASES["buffer_size"]):
@@ -61,7 +63,7 @@ class LayerState:
         x = x.detach().requires_grad_(True)
         y = function.apply(
             x, self.weight, self.bias, self.running_var, self.x2_buffer, self.gz_buffer, phase,
-            hparams["ema_decay"], hparams["eps"], hparams["renorm_clip"],
+            hparams["ema_decay"], hparams["eps"], hparams["renorm_clip"], self.nonfinite,
         )
         return (y, *torch.autograd.grad(y, (x, self.weight, self.bias), dy))
 
@@ -249,6 +251,33 @@ def test_non_finite_batch_behaves_like_the_public_path(bad, phases, iteration):
         assert_close(value, torch_state.buffers()[name], FLOAT32, name)
     assert torch.equal(triton_state.x2_buffer[slot, 0], before["x2_buffer"][slot, 0]), "poisoned row was written"
     assert not torch.equal(triton_state.x2_buffer[slot, 1:], before["x2_buffer"][slot, 1:])
+    # counted once (chi2_B and Psi_B both non-finite), as the public path counts it
+    assert triton_state.nonfinite.tolist() == torch_state.nonfinite.tolist() == [1, iteration]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_non_finite_batches_are_counted_once_across_channel_blocks(channels_last, monkeypatch):
+    """Several channel blocks (each its own program and atomics) meet NaN in one step; a later
+    step has a non-finite gradient only. Counts and state match the public path."""
+    monkeypatch.setattr(triton_launch, "TUNING", SMALL_TILES)  # channel blocks of 2 channels
+    channels = 5
+    states = {fn: LayerState.fresh(channels) for fn in (TritonMABNFunction, MABNFunction)}
+    for t in range(1, 7):
+        x, dy = batch(t, channels, shape=(2, 3, 4), seed=2)
+        if t == 2:
+            x[0, 0, 1, 1] = x[1, 3, 0, 2] = x[0, 4, 2, 3] = float("nan")  # blocks 0, 1 and 2
+        if t == 5:
+            dy[1, 2, 0, 0] = float("inf")
+        x, dy = as_layout(x, channels_last), as_layout(dy, channels_last)
+        for function, state in states.items():
+            state.step(function, x, dy)
+        triton_state, torch_state = states.values()
+        for name, value in triton_state.buffers().items():
+            assert torch.isfinite(value).all(), f"a non-finite statistic reached {name} at iteration {t}"
+            assert_close(value, torch_state.buffers()[name], FLOAT32, f"{name} at iteration {t}")
+        assert triton_state.nonfinite.tolist() == torch_state.nonfinite.tolist(), f"iteration {t}"
+    assert triton_state.nonfinite.tolist() == [2, 5]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -430,6 +459,26 @@ def test_mabn2d_follows_the_switch_and_both_paths_agree(monkeypatch):
         layers["triton"].eval()
         layers["triton"](batch(1)[0])
     assert _CountingTritonStep.calls == ITERATIONS
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_mabn2d_on_triton_counts_a_nan_batch_and_keeps_its_averages():
+    from mabn_d2.layers import MABN2d
+
+    layer = MABN2d(3, **PHASES, **HPARAMS)
+    with backend_module.use_backend("triton"):
+        for t in range(1, 5):
+            layer(batch(t)[0].requires_grad_()).pow(2).sum().backward()
+        before = copy.deepcopy(layer.state_dict())
+        x = batch(5)[0]
+        x[:, 1] = float("nan")
+        layer(x.requires_grad_()).pow(2).sum().backward()
+    assert layer.nonfinite_skipped.tolist() == [1, 5]
+    slot = 5 % PHASES["buffer_size"]
+    assert torch.equal(layer.x2_buffer[slot, 1], before["x2_buffer"][slot, 1])
+    assert torch.equal(layer.gz_buffer[slot, 1], before["gz_buffer"][slot, 1])
+    for name in ("running_var", "x2_buffer", "gz_buffer"):
+        assert torch.isfinite(getattr(layer, name)).all(), name
 
 
 def test_forced_triton_refuses_a_layout_it_cannot_read_before_touching_the_state():
