@@ -1,4 +1,4 @@
-"""tools/check_cuda.py and its checks (mabn_d2.research.cuda_check): every part that runs without a GPU, on the CPU.
+"""tools/check_cuda.py and its checks (research.cuda_check): every part that runs without a GPU, on the CPU.
 
 Correctness, host-sync, autocast and timing checks take a device; here they run on "cpu" and
 must pass, and they must fail when the layer math or its host behaviour is broken. Without a
@@ -20,8 +20,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def check_cuda():
-    """The checks (mabn_d2.research.cuda_check); tools/check_cuda.py is their command line."""
-    import mabn_d2.research.cuda_check as module
+    """The checks (research.cuda_check); tools/check_cuda.py is their command line."""
+    import research.cuda_check as module
 
     return module
 

@@ -190,7 +190,7 @@ def test_reading_a_checkpoint_changed_after_saving_refuses_it_naming_the_file(tm
 def test_reestimation_refuses_a_checkpoint_changed_after_saving(tmp_path, monkeypatch):
     import mabn_d2
     from mabn_d2.engine import setup_cfg
-    from mabn_d2.research import reestimation
+    from mabn_d2.engine import reestimation
 
     from .test_train_net import DEMO_CONFIG, TINY_MODEL
 
@@ -201,7 +201,6 @@ def test_reestimation_refuses_a_checkpoint_changed_after_saving(tmp_path, monkey
     model = mabn_d2.build_model(cfg)
     MABNCheckpointer(model, str(run)).save("model_final", iteration=3)
     _overwrite_tensor_bytes(run / "model_final.pth", model.backbone.bottom_up.stem.conv1.weight)
-    monkeypatch.setattr(reestimation, "register_demo_datasets", lambda cfg: False)  # no data is read before
     with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(run / 'model_final.pth'))} is damaged"):
         reestimation.reestimate_run_checkpoints(str(run), str(tmp_path / "out"), num_batches=1)
 

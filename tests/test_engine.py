@@ -11,7 +11,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from mabn_d2.data.builtin import register_demo_datasets
+from demo_datasets.builtin import register_demo_datasets
 from mabn_d2.engine.trainer import MABNTrainer, setup_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
 

@@ -156,7 +156,7 @@ def test_a_model_without_mabn_is_left_alone():
 
 
 def test_the_results_section_reads_phase_changes_and_costs_from_the_records(tmp_path):
-    from mabn_d2.research.health_report import health_section, logged_phase_changes, phase_changes, plot_health_scalars
+    from research.health_report import health_section, logged_phase_changes, phase_changes, plot_health_scalars
 
     phase = [[1, 0.0], [3, 0.0], [5, 1.0], [7, 1.0], [9, 2.0]]
     assert phase_changes(phase) == [(5, 1), (9, 2)]

@@ -1,5 +1,6 @@
-"""The package's rooms: `import mabn_d2` loads the norm and its detectron2 integration only (no
-trainer, no demo data, no research code, no matplotlib); user tools import no research code."""
+"""The package's rooms: the installed package is the plugin alone (the repository's research/ and
+demo_datasets/ sit beside it and are never imported by it); `import mabn_d2` loads the norm and
+its detectron2 integration only (no trainer, no matplotlib); user tools import no research code."""
 import subprocess
 import sys
 
@@ -15,13 +16,14 @@ def _modules_after(statement: str) -> set:
 def test_import_mabn_d2_does_not_import_research_code():
     loaded = _modules_after("import mabn_d2")
     assert "mabn_d2.modeling.registry" in loaded and "mabn_d2.layers.mabn" in loaded
-    assert not {m for m in loaded if m.startswith(("mabn_d2.research", "mabn_d2.engine", "mabn_d2.data"))}
+    assert not {m for m in loaded if m.split(".")[0] in ("research", "demo_datasets") or m.startswith("mabn_d2.engine")}
     assert "matplotlib" not in loaded
 
 
 # The tools a user of the plugin runs; the others (studies, benchmarks, the GPU check, which also
-# covers the ablation layers) are research tools.
-USER_TOOLS = ("train_net.py", "fold_mabn.py", "convert_pretrained.py")
+# covers the ablation layers and times the benchmarks) are research tools. train_net and fold_mabn
+# register the demo's datasets from the repository's demo_datasets/, which is not research.
+USER_TOOLS = ("train_net.py", "fold_mabn.py", "convert_pretrained.py", "reestimate_mabn_stats.py")
 
 
 def test_user_tools_import_no_research_code():
@@ -33,13 +35,33 @@ def test_user_tools_import_no_research_code():
         tree = ast.parse(open(path).read(), path)
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        research = sorted(m for m in imported if m.startswith("mabn_d2.research"))
+        research = sorted(m for m in imported if m.split(".")[0] == "research")
         assert not research, f"tools/{name} imports research code: {research}"
 
 
 def test_research_code_imports_on_its_own():
-    loaded = _modules_after("import mabn_d2.research.detection_study, mabn_d2.research.study")
-    assert "mabn_d2.data" in loaded
+    loaded = _modules_after("import research.detection_study, research.study")
+    assert {"research.detection_study", "research.study"} <= loaded
+
+
+def test_the_plugin_never_imports_research_or_the_demo_datasets():
+    """Not at module level, not inside a function: a wheel without them must work."""
+    import ast
+    import os
+
+    offenders = []
+    for root, _, files in os.walk(os.path.join(REPO_ROOT, "mabn_d2")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            tree = ast.parse(open(path).read(), path)
+            modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+            bad = sorted(m for m in modules if m.split(".")[0] in ("research", "demo_datasets"))
+            if bad:
+                offenders.append(f"{os.path.relpath(path, REPO_ROOT)}: {bad}")
+    assert not offenders, offenders
 
 
 def _module_level_imports(path, module):

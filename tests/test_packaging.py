@@ -77,11 +77,13 @@ def test_dependencies_cover_what_the_package_imports():
     assert extras["export"] == {"onnx", "onnxruntime", "onnxscript"} and extras["research"] == {"matplotlib"}
     assert "detectron2" not in runtime
 
-    research = os.path.join(PACKAGE_DIR, "research")
     files = [os.path.join(PACKAGE_DIR, f) for f in _source_files(PACKAGE_DIR, ".py")]
-    core = {DISTRIBUTIONS.get(n, n).lower() for n in _third_party_imports(f for f in files if not f.startswith(research))}
-    everything = {DISTRIBUTIONS.get(n, n).lower() for n in _third_party_imports(files)}
+    core = {DISTRIBUTIONS.get(n, n).lower() for n in _third_party_imports(files)}
     assert core - UNDECLARED - extras["export"] <= runtime, sorted(core - runtime)
+    # the repository's research/ and demo_datasets/ (not installed) need the research extra at most
+    beside = [os.path.join(REPO_ROOT, d, f) for d in ("research", "demo_datasets")
+              for f in _source_files(os.path.join(REPO_ROOT, d), ".py")]
+    everything = {DISTRIBUTIONS.get(n, n).lower() for n in _third_party_imports(beside)} - {"research", "demo_datasets"}
     assert everything - UNDECLARED <= runtime | extras["export"] | extras["research"], sorted(everything - runtime)
 
 
@@ -176,6 +178,8 @@ def test_wheel_carries_modules_configs_license_and_version(tmp_path):
     assert modules <= names and configs <= names, sorted((modules | configs) - names)
     packaged = {n for n in names if not n.startswith(info)}
     assert packaged == modules | configs, sorted(packaged - modules - configs)  # no tests, tools, caches
+    assert not {n for n in names if n.split("/")[0] in ("research", "demo_datasets")
+                or "/research/" in n or "/data/" in n}  # no study, benchmark or demo-data module
     fields = [line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line]
     assert ["Version", mabn_d2.__version__] in fields and ["License-Expression", "Apache-2.0"] in fields
     assert ["License-File", "LICENSE"] in fields and ["Provides-Extra", "export"] in fields

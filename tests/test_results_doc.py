@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mabn_d2.research.run_records import load_records
+from research.run_records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

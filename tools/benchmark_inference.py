@@ -25,7 +25,8 @@ from detectron2.structures import Instances
 from torch import nn
 
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
-from mabn_d2.research.benchmarking import interleaved_medians, markdown_table
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.benchmarking import interleaved_medians, markdown_table
 from mabn_d2.config import add_mabn_config
 from mabn_d2.deploy.fold import fold_mabn
 from mabn_d2.layers import MABN2d

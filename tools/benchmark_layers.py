@@ -8,6 +8,7 @@ the CPU, CUDA events with --device cuda).
 
   python tools/benchmark_layers.py --host-overhead   # host cost of the Triton steps, launches stubbed
 """
+import os
 import argparse
 import statistics
 import sys
@@ -15,8 +16,9 @@ from typing import List, Optional
 
 import torch
 
-from mabn_d2.research.benchmarking import markdown_table
-from mabn_d2.research.norm_benchmark import DETECTION_SHAPES, NORMS, QUICK_SHAPES, benchmark_shape
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.benchmarking import markdown_table
+from research.norm_benchmark import DETECTION_SHAPES, NORMS, QUICK_SHAPES, benchmark_shape
 
 
 def run(shapes, norms: List[str], repeats: int, device: str = "cpu") -> str:
@@ -59,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> str:
                         help="time the Triton steps' host work (launches stubbed) against BatchNorm2d's whole step")
     args = parser.parse_args(argv)
     if args.host_overhead:
-        from mabn_d2.research.host_overhead import host_overhead_report
+        from research.host_overhead import host_overhead_report
 
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ backward (the activation memory of a step); on CUDA also the allocator's peak.
 
 --health-overhead times something else: training steps of a config (default the demo's) with
 MABN's health hook on vs off, in one process, interleaved blocks of one hook period each
-(mabn_d2.research.health_overhead); --output writes the figures, and the command, as JSON
+(research.health_overhead); --output writes the figures, and the command, as JSON
 (results/health_overhead.json is what docs/results.md renders):
   python tools/benchmark_train.py --health-overhead --blocks 4 --output results/health_overhead.json
 """
@@ -23,20 +23,21 @@ from typing import List, Optional
 import torch
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
-from mabn_d2.research.benchmarking import markdown_table
-from mabn_d2.research.maskrcnn_benchmark import VARIANTS, measure_training_steps
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.benchmarking import markdown_table
+from research.maskrcnn_benchmark import VARIANTS, measure_training_steps
 
 DEFAULT_VARIANTS = ["MABN", "BN", "GN", "FrozenBN backbone"]
 DEMO_CONFIG = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn.yaml"
 
 
 def health_overhead(args: argparse.Namespace, argv: List[str]) -> str:
-    """Time the health hook on vs off (see mabn_d2.research.health_overhead); print and optionally save."""
-    from mabn_d2.data.builtin import register_demo_datasets
+    """Time the health hook on vs off (see research.health_overhead); print and optionally save."""
+    from demo_datasets.builtin import register_demo_datasets
     from mabn_d2.engine import setup_cfg
     from mabn_d2.engine.atomic_io import atomic_write_json
     from mabn_d2.engine.trainer import HEALTH_PERIOD
-    from mabn_d2.research.health_overhead import measure_health_overhead
+    from research.health_overhead import measure_health_overhead
 
     cfg = setup_cfg(args.config_file, args.opts)
     register_demo_datasets(cfg)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check MABN on one CUDA GPU: correctness, host syncs, autocast and speed, one streamed table.
 
-The checks are mabn_d2.research.cuda_check (`--help` describes them). This script only makes sure
+The checks are research/cuda_check.py (`--help` describes them). This script only makes sure
 the project imports first, and says in one line what a torch-only GPU box lacks if it does not.
 
   python tools/check_cuda.py --quick --output check.md
@@ -62,14 +62,14 @@ def forbid_host_reads() -> Iterator[None]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Import the checks (mabn_d2.research.cuda_check) and run them; a box that cannot import the
+    """Import the checks (research.cuda_check) and run them; a box that cannot import the
     project gets one line naming what it lacks (and no CUDA GPU first, if it has none)."""
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
     try:
         with warnings.catch_warnings():  # detectron2's import-time deprecation warnings: not this check's output
             warnings.simplefilter("ignore")
-            from mabn_d2.research import cuda_check
+            from research import cuda_check
     except ImportError as error:
         if not torch.cuda.is_available():
             print(f"check_cuda: no CUDA GPU available (torch {torch.__version__}, torch.cuda.is_available() is "

@@ -21,16 +21,18 @@ rendered from those records, as `tools/make_results.py` does for docs/results.md
   python tools/detection_study.py --virtual-gpus 8 --recipe variant --variants SyncBN16 BN2 --steps 240 \
       --eval-period 60 --output-dir output/paper_setting_240 --records-dir results/paper_setting_240
 """
+import sys
 import argparse
 import os
 from typing import List, Optional
 
 from mabn_d2.engine.atomic_io import atomic_write_text
-from mabn_d2.research.detection_report import detection_report, plot_records
-from mabn_d2.research.detection_study import VARIANTS, evaluation_curve, final_metrics, run_detection_study
-from mabn_d2.research.paper_setting import ARMS, DEFAULT_ARMS, RECIPES, run_study
-from mabn_d2.research.paper_setting_report import export_arm_record, paper_setting_table
-from mabn_d2.research.run_records import load_records, record_from_run, write_record
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.detection_report import detection_report, plot_records
+from research.detection_study import VARIANTS, evaluation_curve, final_metrics, run_detection_study
+from research.paper_setting import ARMS, DEFAULT_ARMS, RECIPES, run_study
+from research.paper_setting_report import export_arm_record, paper_setting_table
+from research.run_records import load_records, record_from_run, write_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LOSS_EDGES = (0, 50, 100, 200, 338, 450)

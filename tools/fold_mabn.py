@@ -23,6 +23,7 @@ OUTPUT ends up holding exactly this run's files: a folder that is not empty is r
 The files are staged in a hidden folder beside OUTPUT, removed on any failure, SIGTERM or
 SIGINT. Every error is one line on stderr, exit status 1.
 """
+import os
 import argparse
 import logging
 import sys
@@ -32,13 +33,14 @@ from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the "MABN" norm string)
 from mabn_d2.config import add_mabn_config, float_keys_take_integers
-from mabn_d2.data.builtin import register_demo_datasets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from demo_datasets.builtin import register_demo_datasets, register_lazy_demo_datasets
 from mabn_d2.deploy import ExportError
 from mabn_d2.deploy.export_formats import EXPORT_FORMATS
 from mabn_d2.deploy.output_dir import check_output_dir
 from mabn_d2.deploy.pipeline import fold_checkpoint
 from mabn_d2.deploy.verify import TOLERANCES
-from mabn_d2.engine.lazy import is_lazy_config, load_lazy_config, register_lazy_demo_datasets
+from mabn_d2.engine.lazy import is_lazy_config, load_lazy_config
 from mabn_d2.engine.preflight import UsageError, check_device, first_line
 
 logger = logging.getLogger("mabn_d2.fold_mabn")

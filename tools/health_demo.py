@@ -23,7 +23,8 @@ import torch
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.config import mabn_kwargs_from_cfg
-from mabn_d2.data.builtin import register_demo_datasets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from demo_datasets.builtin import register_demo_datasets
 from mabn_d2.engine import MABNHealthHook, MABNTrainer, setup_cfg
 from mabn_d2.engine.atomic_io import atomic_write_json
 

@@ -19,6 +19,7 @@ docs/results_reading.md is the hand-written reading, included verbatim at the to
   python tools/make_results.py --import-batch-stats output/batch_stats
 Detection and paper-setting records are written into results/ by their study tools.
 """
+import sys
 import argparse
 import json
 import os
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from mabn_d2.engine.atomic_io import atomic_write_text
-from mabn_d2.research.benchmarking import markdown_table
-from mabn_d2.research.detection_report import curves_table_all, detection_report, plot_records
-from mabn_d2.research.health_report import health_section, plot_health_scalars
-from mabn_d2.research.paper_setting_report import chi2_layer_table, paper_setting_table
-from mabn_d2.research.run_records import load_records
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.benchmarking import markdown_table
+from research.detection_report import curves_table_all, detection_report, plot_records
+from research.health_report import health_section, plot_health_scalars
+from research.paper_setting_report import chi2_layer_table, paper_setting_table
+from research.run_records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

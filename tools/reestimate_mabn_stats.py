@@ -10,6 +10,7 @@ study tools read it like a training run's). Checkpoints already evaluated there 
   python tools/reestimate_mabn_stats.py --run-dir RUN --output-dir OUT --all-evaluated --num-batches 100
 """
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -17,7 +18,10 @@ from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401  (registers the norm strings)
 from mabn_d2.engine.checkpoint import CheckpointError
-from mabn_d2.research.reestimation import reestimate_run_checkpoints
+from mabn_d2.engine.reestimation import reestimate_run_checkpoints
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/
+from demo_datasets.builtin import register_demo_datasets  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -31,7 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="mabn_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     try:
-        done = reestimate_run_checkpoints(args.run_dir, args.output_dir, args.num_batches, args.all_evaluated)
+        done = reestimate_run_checkpoints(args.run_dir, args.output_dir, args.num_batches, args.all_evaluated,
+                                          register_datasets=register_demo_datasets)
     except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"reestimate_mabn_stats: {error}", file=sys.stderr)
         return 2

@@ -6,13 +6,16 @@ folded into FrozenBN, verified, exported to TorchScript and timed against the un
 
   python tools/run_demo.py [--config-file CFG] [--output-dir DIR] [--resume] [KEY VALUE ...]
 """
+import sys
+import os
 import argparse
 from typing import List, Optional
 
 from detectron2.utils.logger import setup_logger
 
 import mabn_d2  # noqa: F401
-from mabn_d2.research.demo import format_summary, run_demo
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.demo import format_summary, run_demo
 
 DEFAULT_CONFIG = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.yaml"
 

@@ -6,14 +6,16 @@
 
 Rerunning the same command skips finished runs and resumes interrupted ones. The default
 (7 norms x 3 seeds, 2 epochs of batch 32, 2 jobs x 1 thread) takes about 1 h on an idle
-2-core CPU; the measurements behind it are in mabn_d2/research/study.py.
+2-core CPU; the measurements behind it are in research/study.py.
 """
+import os
 import argparse
 import dataclasses
 import sys
 from typing import List, Optional, Sequence
 
-from mabn_d2.research.study import NORMS, StudyConfig, run_study
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from research.study import NORMS, StudyConfig, run_study
 
 # A few minutes at most: every norm once, through all of MABN's phases (70 x 16 > 1000 forwards).
 QUICK = StudyConfig(iters=70, warmup_iters=10, train_images=2048, test_images=1000, curve_test_images=500, evals=2)

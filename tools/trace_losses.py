@@ -10,6 +10,8 @@ number of threads (float summation order) or two checkouts of the code:
 
 SOLVER.MAX_ITER is set to --iterations, so the LR schedule is that of a run of this length.
 """
+import sys
+import os
 import argparse
 import tempfile
 from typing import List, Optional
@@ -18,7 +20,8 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 import mabn_d2  # noqa: F401
-from mabn_d2.data.builtin import register_demo_datasets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from demo_datasets.builtin import register_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
 
 

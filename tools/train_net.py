@@ -37,7 +37,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
-from mabn_d2.data.builtin import register_demo_datasets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
+from demo_datasets.builtin import register_demo_datasets, register_lazy_demo_datasets
 from mabn_d2.engine import MABNTrainer, setup_cfg
 from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point
 from mabn_d2.engine.lazy import check_lazy_before_start, is_lazy_config, load_lazy_config
@@ -53,7 +54,7 @@ USAGE_ERROR_STATUS = 2
 
 def main(args):
     if is_lazy_config(args.config_file):
-        return run_lazy(args)
+        return run_lazy(args, register_datasets=register_lazy_demo_datasets)
     cfg = setup_cfg(args.config_file, args.opts, args, check_output=False)  # check_before_start did those
     register_demo_datasets(cfg)
     if args.eval_only:

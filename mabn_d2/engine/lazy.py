@@ -26,7 +26,6 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from ..data.builtin import register_demo_datasets
 from ..layers import BatchRenorm2d, MABN2d
 from ..layers.base import MovingAverageNorm
 from ..modeling.prepare import prepare_mabn_model
@@ -36,7 +35,7 @@ from .weights_fit import ModelLayout, check_resume_fits, check_weights_fit
 
 __all__ = [
     "LAZY_CONFIG_SUFFIX", "build_lazy_model", "check_lazy_before_start", "is_lazy_config", "lazy_dataset_names",
-    "lazy_model_layout", "load_lazy_config", "moving_average_norm_keys", "register_lazy_demo_datasets",
+    "lazy_model_layout", "load_lazy_config", "moving_average_norm_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,11 +217,6 @@ def lazy_dataset_names(cfg: DictConfig) -> Tuple[Tuple[str, ...], Tuple[str, ...
 
     return names("dataloader.train.dataset.names"), names("dataloader.test.dataset.names")
 
-
-def register_lazy_demo_datasets(cfg: DictConfig) -> bool:
-    """`register_demo_datasets` for the datasets a LazyConfig's data loaders name; see there."""
-    train, test = lazy_dataset_names(cfg)
-    return register_demo_datasets(CfgNode({"DATASETS": CfgNode({"TRAIN": train, "TEST": test})}))
 
 
 # ---------------------------------------------------------------- checks before a run

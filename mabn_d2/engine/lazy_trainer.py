@@ -16,7 +16,7 @@ does the same, with the MABN parts of `MABNTrainer`:
 """
 import logging
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode, instantiate
@@ -33,7 +33,7 @@ from ..config import LONG_RENORM_WARMUP_SHARE
 from ..layers import MABN2d
 from .checkpoint import MABNCheckpointer
 from .health import MABNHealthHook
-from .lazy import build_lazy_model, load_lazy_config, register_lazy_demo_datasets
+from .lazy import build_lazy_model, load_lazy_config
 from .preemption import PreemptionCheckpointer
 from .train_stream import SeededStreamDataset, StreamPositionSampler
 from .trainer import TrainingStreamState, ensure_final_checkpoint, setup_package_logger
@@ -183,12 +183,16 @@ class LazyMABNTrainer(DefaultTrainer):
             )
 
 
-def run_lazy(args) -> Optional[Dict[str, Any]]:
-    """tools/train_net.py's `main` for a LazyConfig: train, or with --eval-only evaluate train.init_checkpoint."""
+def run_lazy(args, register_datasets: Callable[[DictConfig], Any] = lambda cfg: None) -> Optional[Dict[str, Any]]:
+    """tools/train_net.py's `main` for a LazyConfig: train, or with --eval-only evaluate train.init_checkpoint.
+
+    `register_datasets(cfg)` runs in every process before any data loader is built, for datasets
+    detectron2 does not register itself (the demo's, in tools/train_net.py).
+    """
     cfg = load_lazy_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_package_logger(cfg.train.output_dir)
-    register_lazy_demo_datasets(cfg)
+    register_datasets(cfg)
     if args.eval_only:
         model = build_lazy_model(cfg)
         logger.info("Model:\n%s", model)

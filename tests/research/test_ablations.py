@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from mabn_d2.research.ablations import CenteredMABNFunction, MABNCentered2d, MABNForwardOnly2d
+from research.ablations import CenteredMABNFunction, MABNCentered2d, MABNForwardOnly2d
 from mabn_d2.layers import MABN2d, mabn_phase
 
 HPARAMS = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)

@@ -40,7 +40,7 @@ def test_host_overhead_benchmark_stubs_the_launches_and_restores_everything():
     from mabn_d2.layers import MABN2d
     from mabn_d2.layers import backend as backend_module
     from mabn_d2.layers.triton import launch as triton_launch, mabn as triton_mabn
-    from mabn_d2.research.host_overhead import host_overhead, host_overhead_report, stubbed_triton_launches
+    from research.host_overhead import host_overhead, host_overhead_report, stubbed_triton_launches
 
     saved = (triton_mabn.kernel_module, triton_launch.kernel_module, backend_module._device_reason)
     with stubbed_triton_launches():

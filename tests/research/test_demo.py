@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from mabn_d2.research.demo import format_summary, run_demo
+from research.demo import format_summary, run_demo
 
 from ..test_engine import DEMO_CONFIG, TINY
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from mabn_d2.research.detection_study import (
+from research.detection_study import (
     METRICS, VARIANTS, evaluation_curve, final_metrics, run_detection_study,
 )
 from mabn_d2.layers import CenteredConv2d, MABN2d
 from mabn_d2.modeling.precise_stats import update_mabn_running_var
-from mabn_d2.research.reestimation import evaluation_records
+from mabn_d2.engine.reestimation import evaluation_records
 
 from ..conftest import REPO_ROOT
 from ..test_engine import TINY, _tiny_cfg
@@ -191,7 +191,7 @@ def test_results_doc_is_rendered_from_a_results_folder_alone(tmp_path):
     """tools/make_results.py: committed sections verbatim (figures copied), records rendered with commit and wall."""
     import importlib.util
 
-    from mabn_d2.research.run_records import write_record
+    from research.run_records import write_record
 
     spec = importlib.util.spec_from_file_location("make_results", os.path.join(REPO_ROOT, "tools/make_results.py"))
     tool = importlib.util.module_from_spec(spec)

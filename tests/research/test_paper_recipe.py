@@ -10,7 +10,7 @@ from torch import nn
 
 from mabn_d2.config import add_mabn_config, mabn_kwargs_from_cfg
 from mabn_d2.layers import CenteredConv2d, MABN2d
-from mabn_d2.research.paper_setting import (
+from research.paper_setting import (
     ARMS, Chi2Recorder, MicroBatchTrainer, arm_config, official_schedule, summarize_chi2, variant_schedule,
 )
 
@@ -168,7 +168,7 @@ def test_summarize_chi2_keeps_both_statistics_per_window(tmp_path):
 
 
 def test_the_demo_variants_take_the_official_solver_scaled_to_450_iterations():
-    from mabn_d2.research.detection_study import VARIANTS
+    from research.detection_study import VARIANTS
 
     for name in ("BN_official", "MABN_official", "MABN_bn_heads_official"):
         variant = VARIANTS[name]

@@ -7,7 +7,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_d2.layers import MABN2d
-from mabn_d2.research.paper_setting import MicroBatchTrainer, ReplicaNormStates
+from research.paper_setting import MicroBatchTrainer, ReplicaNormStates
 
 
 def _norms():

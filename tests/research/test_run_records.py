@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from mabn_d2.research.detection_report import detection_report, final_table
-from mabn_d2.research.paper_setting_report import paper_setting_table
-from mabn_d2.research.run_records import load_records, loss_windows, record_from_run, write_record
+from research.detection_report import detection_report, final_table
+from research.paper_setting_report import paper_setting_table
+from research.run_records import load_records, loss_windows, record_from_run, write_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -121,7 +121,7 @@ def test_virtual_gpus_runs_the_paper_setting_and_writes_its_records(tmp_path, mo
 
 
 def test_a_run_resumed_on_newer_code_names_every_commit_it_trained_at(tmp_path, monkeypatch):
-    from mabn_d2.research import detection_study
+    from research import detection_study
 
     heads = iter(["a0e7379\n", "a0e7379\n", "dea88a1\n"])
 

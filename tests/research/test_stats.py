@@ -7,9 +7,9 @@ import torch
 from detectron2.modeling.backbone.resnet import BasicBlock
 from torch import nn
 
-from mabn_d2.research.ablations import MABNCentered2d
+from research.ablations import MABNCentered2d
 from mabn_d2.layers import CenteredConv2d, MABN2d
-from mabn_d2.research.stats import BatchStatsRecorder, absolute_fluctuation, moving_average, relative_fluctuation
+from research.stats import BatchStatsRecorder, absolute_fluctuation, moving_average, relative_fluctuation
 
 DIMS = (0, 2, 3)
 

@@ -9,10 +9,10 @@ import torch
 from detectron2.layers import Conv2d
 from torch import nn
 
-from mabn_d2.research.ablations import MABNCentered2d, MABNForwardOnly2d
+from research.ablations import MABNCentered2d, MABNForwardOnly2d
 from mabn_d2.layers import BatchRenorm2d, CenteredConv2d, MABN2d
-from mabn_d2.research.stats import NORM_TYPES
-from mabn_d2.research.study import (
+from research.stats import NORM_TYPES
+from research.study import (
     NORMS, StudyConfig, batch_indices, build_model, lr_at, make_optimizer, norm_label, run_paths, sgd_step,
     train_run,
 )

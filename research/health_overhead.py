@@ -22,8 +22,8 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
 
-from ..engine.health import MABNHealthHook
-from ..engine.trainer import MABNTrainer
+from mabn_d2.engine.health import MABNHealthHook
+from mabn_d2.engine.trainer import MABNTrainer
 from .maskrcnn_benchmark import prime_steady_state
 
 __all__ = ["measure_health_overhead"]

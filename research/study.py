@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-from ..engine.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 from .ablations import MABNCentered2d, MABNForwardOnly2d
-from ..layers import BatchRenorm2d, CenteredConv2d, MABN2d
-from ..layers.hyperparams import MABN_HYPERPARAMETERS, defaults
-from ..modeling.prepare import allow_uncentered
+from mabn_d2.layers import BatchRenorm2d, CenteredConv2d, MABN2d
+from mabn_d2.layers.hyperparams import MABN_HYPERPARAMETERS, defaults
+from mabn_d2.modeling.prepare import allow_uncentered
 from .stats import BatchStatsRecorder
 
 __all__ = [
@@ -210,7 +210,7 @@ def build_model(norm_name: str, config: StudyConfig) -> SmallResNet:
 # --------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=4)
 def _load_split(split: str, images: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from ..data.fashion_mnist_coco import load_fashion_mnist
+    from demo_datasets.fashion_mnist_coco import load_fashion_mnist
 
     raw_images, raw_labels = load_fashion_mnist(split)
     index = np.arange(len(raw_labels))

@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from ..engine.atomic_io import atomic_write_text
+from mabn_d2.engine.atomic_io import atomic_write_text
 from .recipe import official_schedule
-from .reestimation import evaluation_records
+from mabn_d2.engine.reestimation import evaluation_records
 
 __all__ = [
     "Variant", "VARIANTS", "DEMO_NORM_CONFIGS", "METRICS", "evaluation_curve", "final_metrics",

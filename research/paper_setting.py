@@ -18,7 +18,7 @@ Evaluation and checkpoints see virtual GPU 0's state, which is what rank 0 saves
 restarts virtual GPUs 1-7 from that state. Optionally, per-image photometric jitter (brightness
 and contrast) gives the images the per-image scale variation that real photos have.
 
-Run one arm: ``python -m mabn_d2.research.paper_setting --arm MABN_per_gpu --output-dir D [KEY VALUE ...]``;
+Run one arm: ``python -m research.paper_setting --arm MABN_per_gpu --output-dir D [KEY VALUE ...]``;
 the whole study: ``tools/detection_study.py --virtual-gpus 8``.
 """
 import argparse
@@ -40,10 +40,10 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.env import seed_all_rng
 from torch import nn
 
-from ..engine.trainer import MABNTrainer, setup_cfg
-from ..layers import MABN2d
-from ..layers.base import HostIterationCounter
-from ..data.builtin import register_demo_datasets
+from mabn_d2.engine.trainer import MABNTrainer, setup_cfg
+from mabn_d2.layers import MABN2d
+from mabn_d2.layers.base import HostIterationCounter
+from demo_datasets.builtin import register_demo_datasets
 from .recipe import RECIPES, Schedule, official_schedule, variant_schedule
 
 __all__ = ["Arm", "ARMS", "DEFAULT_ARMS", "RECIPES", "Schedule", "official_schedule", "variant_schedule", "ReplicaNormStates",
@@ -383,7 +383,7 @@ def run_study(output_dir: str, arms: Sequence[str], seeds: Sequence[int], steps:
         while pending and len(running) < jobs:
             arm, seed, run_dir = pending.pop(0)
             _record_commit(run_dir, repo_root)
-            command = [python, "-m", "mabn_d2.research.paper_setting", "--arm", arm, "--output-dir", run_dir,
+            command = [python, "-m", "research.paper_setting", "--arm", arm, "--output-dir", run_dir,
                        "--seed", str(seed), "--virtual-gpus", str(virtual_gpus), "--recipe", recipe,
                        "--steps", str(steps), "--eval-period", str(eval_period)]
             command += ["--resume"] if os.path.exists(os.path.join(run_dir, "last_checkpoint")) else []

@@ -1,4 +1,4 @@
-"""Tests for the offline Fashion-MNIST COCO demo dataset (mabn_d2.data.fashion_mnist_coco).
+"""Tests for the offline Fashion-MNIST COCO demo dataset (demo_datasets.fashion_mnist_coco).
 
 These use the real Fashion-MNIST files from the Debian package
 ``dataset-fashion-mnist``. They are deliberately *not* skipped when it is
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mabn_d2.data import FASHION_MNIST_CLASSES, build_fashion_mnist_coco, register_fashion_mnist_coco
-from mabn_d2.data import fashion_mnist_coco as fmc
+from demo_datasets import FASHION_MNIST_CLASSES, build_fashion_mnist_coco, register_fashion_mnist_coco
+from demo_datasets import fashion_mnist_coco as fmc
 
 NUM_TRAIN = 20
 NUM_VAL = 8
@@ -270,7 +270,7 @@ def test_register_missing_dataset(tmp_path, dataset_names):
 # --------------------------------------------------------------------------- #
 SIGNAL_DURING_BUILD = """
 import os, signal, sys
-from mabn_d2.data import fashion_mnist_coco as fmc
+from demo_datasets import fashion_mnist_coco as fmc
 real_png, written = fmc._png_bytes, []
 def png_then_signal(gray):
     written.append(1)

@@ -9,14 +9,14 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from detectron2.config import get_cfg
 from detectron2.model_zoo import get_config_file
-from ..modeling.registry import build_model
+from mabn_d2.modeling.registry import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .benchmarking import interleaved_medians, saved_tensor_bytes, synchronize
-from ..config import add_mabn_config
-from ..deploy.fold import fold_mabn
-from ..layers import MABN2d
+from mabn_d2.config import add_mabn_config
+from mabn_d2.deploy.fold import fold_mabn
+from mabn_d2.layers import MABN2d
 
 __all__ = [
     "VARIANTS", "build_variant", "prime_steady_state", "give_frozen_backbone_real_statistics",

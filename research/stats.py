@@ -13,9 +13,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ..engine.atomic_io import atomic_write, atomic_write_text
+from mabn_d2.engine.atomic_io import atomic_write, atomic_write_text
 from .ablations import MABNCentered2d
-from ..layers import BatchRenorm2d, MABN2d
+from mabn_d2.layers import BatchRenorm2d, MABN2d
 
 __all__ = [
     "BATCH_STATISTICS",

@@ -7,14 +7,14 @@ them: a script of your own calls `register_demo_datasets(cfg)` (tools/train_net.
 tools/fold_mabn.py do).
 """
 import os
-from typing import Dict
+from typing import Any, Dict
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from .fashion_mnist_coco import build_fashion_mnist_coco, register_fashion_mnist_coco
 
-__all__ = ["DEMO_DATASETS", "demo_dataset_root", "register_demo_datasets"]
+__all__ = ["DEMO_DATASETS", "demo_dataset_root", "register_demo_datasets", "register_lazy_demo_datasets"]
 
 # name prefix -> build arguments
 DEMO_DATASETS: Dict[str, Dict[str, int]] = {
@@ -37,7 +37,7 @@ def register_demo_datasets(cfg: CfgNode) -> bool:
     'fmnist_coco_train' is not registered". Safe to call again; a config without demo datasets
     is left alone. Returns whether the config names one.
 
-        from mabn_d2.data.builtin import register_demo_datasets
+        from demo_datasets.builtin import register_demo_datasets
         register_demo_datasets(cfg)
         trainer = DefaultTrainer(cfg)
     """
@@ -50,3 +50,11 @@ def register_demo_datasets(cfg: CfgNode) -> bool:
         comm.synchronize()
         register_fashion_mnist_coco(root, names=(f"{prefix}_train", f"{prefix}_val"))
     return bool(used)
+
+
+def register_lazy_demo_datasets(cfg: Any) -> bool:
+    """`register_demo_datasets` for the datasets a LazyConfig's data loaders name."""
+    from mabn_d2.engine.lazy import lazy_dataset_names
+
+    train, test = lazy_dataset_names(cfg)
+    return register_demo_datasets(CfgNode({"DATASETS": CfgNode({"TRAIN": list(train), "TEST": list(test)})}))

@@ -5,14 +5,15 @@ the detection study can put the curve beside the run it came from.
 """
 import json
 import os
-from typing import Dict
+from typing import Any, Callable, Dict
+
+from detectron2.config import CfgNode
 
 
-from ..engine.atomic_io import atomic_write_text
-from ..engine.checkpoint import MABNCheckpointer
-from ..engine.trainer import MABNTrainer, setup_cfg
+from .atomic_io import atomic_write_text
+from .checkpoint import MABNCheckpointer
+from .trainer import MABNTrainer, setup_cfg
 from ..modeling.precise_stats import update_mabn_running_var
-from ..data.builtin import register_demo_datasets
 
 __all__ = ["evaluation_records", "reestimate_run_checkpoints"]
 
@@ -41,7 +42,9 @@ def evaluation_records(metrics_path: str, max_iter: int) -> Dict[int, Dict]:
 
 
 def reestimate_run_checkpoints(run_dir: str, output_dir: str, num_batches: int = 100,
-                               all_evaluated: bool = False) -> Dict[int, Dict[str, float]]:
+                               all_evaluated: bool = False,
+                               register_datasets: Callable[[CfgNode], Any] = lambda cfg: None,
+                               ) -> Dict[int, Dict[str, float]]:
     """Re-estimate running_var at a run's checkpoints and evaluate; {iterations: flat metrics}.
 
     Reads run_dir/config.yaml; evaluates model_final.pth, or with `all_evaluated` every
@@ -58,7 +61,7 @@ def reestimate_run_checkpoints(run_dir: str, output_dir: str, num_batches: int =
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: --run-dir must be a detectron2 run directory")
     cfg = setup_cfg(config_path, ["OUTPUT_DIR", output_dir])
-    register_demo_datasets(cfg)
+    register_datasets(cfg)  # the run's datasets, when they are not detectron2's builtin ones
     max_iter = cfg.SOLVER.MAX_ITER
     source_records = evaluation_records(os.path.join(run_dir, "metrics.json"), max_iter)
     wanted = sorted(source_records) if all_evaluated else [max_iter]

@@ -13,9 +13,9 @@ from typing import Dict, Iterator, List
 import torch
 from torch import nn
 
-from ..layers import BatchRenorm2d, MABN2d
-from ..layers import backend as backend_module
-from ..layers.triton import batch_renorm as triton_batch_renorm, launch as triton_launch, mabn as triton_mabn
+from mabn_d2.layers import BatchRenorm2d, MABN2d
+from mabn_d2.layers import backend as backend_module
+from mabn_d2.layers.triton import batch_renorm as triton_batch_renorm, launch as triton_launch, mabn as triton_mabn
 from .benchmarking import interleaved_medians, markdown_table
 
 __all__ = ["stubbed_triton_launches", "host_overhead", "host_overhead_report"]

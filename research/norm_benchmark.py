@@ -11,7 +11,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from .benchmarking import interleaved_medians, saved_tensor_bytes
-from ..layers import BatchRenorm2d, MABN2d
+from mabn_d2.layers import BatchRenorm2d, MABN2d
 
 __all__ = ["DETECTION_SHAPES", "QUICK_SHAPES", "NORMS", "build_norm", "training_step", "eval_forward", "benchmark_shape"]
 

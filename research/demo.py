@@ -15,17 +15,17 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from ..modeling.registry import build_model
+from mabn_d2.modeling.registry import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from ..engine.atomic_io import atomic_write, atomic_write_json
+from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json
 from .benchmarking import interleaved_medians, markdown_table
-from ..data.builtin import register_demo_datasets
-from ..engine.trainer import MABNTrainer, setup_cfg
-from ..deploy.output_dir import FOLDED_CONFIG
-from ..deploy.pipeline import fold_checkpoint
+from demo_datasets.builtin import register_demo_datasets
+from mabn_d2.engine.trainer import MABNTrainer, setup_cfg
+from mabn_d2.deploy.output_dir import FOLDED_CONFIG
+from mabn_d2.deploy.pipeline import fold_checkpoint
 
 __all__ = ["run_demo", "save_prediction_grid", "time_inference"]
 

@@ -15,11 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..layers.base import MABNPhase, MovingAverageNorm, running_var_decay
-from ..layers.channel_ops import (
+from mabn_d2.layers.base import MABNPhase, MovingAverageNorm, running_var_decay
+from mabn_d2.layers.channel_ops import (
     accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_view, keep_finite,
 )
-from ..layers.mabn import MABN2d, MABNFunction
+from mabn_d2.layers.mabn import MABN2d, MABNFunction
 
 __all__ = ["MABNForwardOnly2d", "MABNCentered2d", "centered_mabn_inference"]
 

@@ -46,8 +46,8 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 
 import torch
 
-from ..engine.preflight import first_line
-from ..layers.reference import ReferenceMABN
+from mabn_d2.engine.preflight import first_line
+from mabn_d2.layers.reference import ReferenceMABN
 
 DIMS = (0, 2, 3)
 # Phases in a few iterations: batch statistics 1-6, moving averages 7-20, re-normalization 21-40.
@@ -186,7 +186,7 @@ def _error_row(section: str, case: str, errors: Dict[str, float], limit: float, 
 
 def short_phase_layers() -> Dict[str, Callable[[int], torch.nn.Module]]:
     """The other trainable layers, with warm-ups short enough to cross every phase in 40 steps."""
-    from mabn_d2.research.ablations import MABNCentered2d, MABNForwardOnly2d
+    from research.ablations import MABNCentered2d, MABNForwardOnly2d
     from mabn_d2.layers import BatchRenorm2d
 
     return {
@@ -360,7 +360,7 @@ def layer_time_rows(
     device: torch.device, shapes: Optional[Sequence] = None, repeats: int = 20, norms: Optional[Sequence[str]] = None
 ) -> List[Row]:
     """Train and eval time of each norm per shape, as ratios to BatchNorm2d (train) and FrozenBN (eval)."""
-    from mabn_d2.research.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
+    from research.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
 
     norms = list(norms or NORMS)
     for baseline in ("MABN2d", "BatchNorm2d", "FrozenBN"):
@@ -407,7 +407,7 @@ def maskrcnn_rows(
     variants: Sequence[str] = ("MABN", "BN", "GN", "BRN"),
 ) -> List[Row]:
     """Median Mask R-CNN R50-FPN training step (2 images) per norm, as a ratio to BN."""
-    from mabn_d2.research.maskrcnn_benchmark import measure_training_steps
+    from research.maskrcnn_benchmark import measure_training_steps
 
     results = measure_training_steps(list(variants), height, width, repeats, str(device))
     bn = results["BN"]["seconds"] if "BN" in results else None

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..engine.atomic_io import staged_directory
+from mabn_d2.engine.atomic_io import staged_directory
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # Stable name even under `python -m` (where __name__ == "__main__").
-_MODULE = "mabn_d2.data.fashion_mnist_coco"
+_MODULE = "demo_datasets.fashion_mnist_coco"
 logger = logging.getLogger(_MODULE)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -542,7 +542,7 @@ def register_fashion_mnist_coco(
         if not paths[f"{split}_json"].is_file():
             raise FileNotFoundError(
                 f"{paths[f'{split}_json']} not found; build the dataset first with "
-                "build_fashion_mnist_coco() or `python -m mabn_d2.data.fashion_mnist_coco --output-dir DIR`."
+                "build_fashion_mnist_coco() or `python -m demo_datasets.fashion_mnist_coco --output-dir DIR`."
             )
     metadata = {
         "thing_classes": list(FASHION_MNIST_CLASSES),
