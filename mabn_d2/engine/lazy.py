@@ -26,12 +26,11 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from ..layers import BatchRenorm2d, MABN2d
-from ..layers.base import MovingAverageNorm
+from ..norms import norm_layer_classes, norm_specs
 from ..modeling.prepare import prepare_mabn_model
 from .checkpoint import CheckpointError, check_resume_point, read_checkpoint
 from .preflight import UsageError, check_backend, check_device, check_writable_dir, first_line
-from .weights_fit import ModelLayout, check_resume_fits, check_weights_fit
+from .weights_fit import ModelLayout, check_resume_fits, check_weights_fit, layout_of
 
 __all__ = [
     "LAZY_CONFIG_SUFFIX", "build_lazy_model", "check_lazy_before_start", "is_lazy_config", "lazy_dataset_names",
@@ -45,7 +44,6 @@ SECTIONS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")  # det
 # The YAML names in weights_fit's messages, and what a LazyConfig calls them.
 _LAZY_NAMES = (("MODEL.WEIGHTS", "train.init_checkpoint"), ("MODEL.MABN.BUFFER_SIZE", "the MABN norms' buffer_size"),
                ("OUTPUT_DIR", "train.output_dir"))
-_NORM_NAMES = {"MABN": MABN2d, "BRN": BatchRenorm2d}
 
 
 def is_lazy_config(path: str) -> bool:
@@ -159,25 +157,17 @@ def build_lazy_model(cfg: DictConfig, device: Optional[str] = None) -> nn.Module
 
 def lazy_model_layout(model: nn.Module) -> ModelLayout:
     """What `weights_fit` compares a checkpoint with, for a model built from a LazyConfig."""
-    mabn_state, rings, means = set(), set(), []
-    for prefix, module in model.named_modules():
-        if not isinstance(module, MovingAverageNorm):
-            continue
-        mabn_state.update(module.state_dict(prefix=f"{prefix}."))
-        rings.update(f"{prefix}.{name}" for name in module.ring_buffers)
-        if isinstance(module, MABN2d):
-            means.append(f"{prefix}.running_mean")
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    return ModelLayout(shapes, frozenset(mabn_state), frozenset(rings), tuple(means))
+    return layout_of(model)
 
 
 def _norm_class(key: str, value: Any) -> Optional[type]:
     """The moving-average norm class `value` builds (a name, a partial, the class itself), or None."""
     if isinstance(value, str):
-        return _NORM_NAMES.get(value) if "norm" in key.rsplit(".", 1)[-1].lower() else None
+        names = {spec.name: spec.layer for spec in norm_specs()}
+        return names.get(value) if "norm" in key.rsplit(".", 1)[-1].lower() else None
     while isinstance(value, functools.partial):
         value = value.func
-    if isinstance(value, type) and issubclass(value, (MABN2d, BatchRenorm2d)):
+    if isinstance(value, type) and issubclass(value, norm_layer_classes()):
         return value
     return None
 

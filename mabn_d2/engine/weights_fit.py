@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 from urllib.parse import parse_qs, urlparse
 
 import torch
+from torch import nn
 from detectron2.config import CfgNode
 
 from ..layers import MABN2d
@@ -57,6 +58,12 @@ def model_layout(cfg: CfgNode) -> ModelLayout:
         model = build_model(cpu)
     finally:
         logging.disable(previous)
+    return layout_of(model)
+
+
+def layout_of(model: nn.Module) -> ModelLayout:
+    """What a checkpoint is compared with: the state's shapes, the moving-average norms' state, their
+    ring buffers and MABN's running_mean keys (zero by definition)."""
     mabn_state, rings, means = set(), set(), []
     for prefix, module in model.named_modules():
         if not isinstance(module, MovingAverageNorm):
