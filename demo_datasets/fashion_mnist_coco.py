@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mabn_d2.engine.atomic_io import staged_directory
+from mabn_d2.utils.atomic_io import staged_directory
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

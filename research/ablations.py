@@ -17,13 +17,13 @@ from torch.autograd.function import once_differentiable
 
 from mabn_d2.layers.base import MABNPhase, MovingAverageNorm, running_var_decay
 from mabn_d2.layers.channel_ops import (
+    CHANNEL_REDUCTION_DIMS as _DIMS,
     accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_view, keep_finite,
 )
 from mabn_d2.layers.mabn import MABN2d, MABNFunction
 
 __all__ = ["MABNForwardOnly2d", "MABNCentered2d", "centered_mabn_inference"]
 
-_DIMS = (0, 2, 3)
 
 
 class _ForwardOnlyFunction(MABNFunction):

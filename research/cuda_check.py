@@ -290,7 +290,7 @@ def check_no_host_sync(device: torch.device, name: str, layer: torch.nn.Module, 
             layer.train()
             layer(empty).sum().backward()
     except RuntimeError as error:
-        return Row("no host sync", case, _first_line(error), "none", "FAIL")
+        return Row("no host sync", case, _error_cell(error), "none", "FAIL")
     return Row("no host sync", case, "none", "none", "ok")
 
 
@@ -440,13 +440,13 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
     from mabn_d2.layers import MABNFunction
     from mabn_d2.layers.batch_renorm import batch_renorm_step
     from mabn_d2.layers.triton import launch as triton_launch
-    from mabn_d2.layers.triton.probe import probe_triton_batch_renorm, probe_triton_mabn
+    from mabn_d2.layers.triton.first_use_check import first_use_check_batch_renorm, first_use_check_mabn
 
     def probe_mabn(x, state_dtype, shape):
-        return probe_triton_mabn(x, state_dtype, shape, public_function=MABNFunction)
+        return first_use_check_mabn(x, state_dtype, shape, public_function=MABNFunction)
 
     def probe_brn(x, state_dtype, shape):
-        return probe_triton_batch_renorm(x, state_dtype, shape, public_step=batch_renorm_step)
+        return first_use_check_batch_renorm(x, state_dtype, shape, public_step=batch_renorm_step)
 
     rows = []
     with backend_context("triton"):
@@ -521,7 +521,7 @@ class Reporter:
 
 
 # --------------------------------------------------------------------------- table
-def _first_line(error: BaseException) -> str:
+def _error_cell(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"[:300]
 
 
@@ -530,7 +530,7 @@ def _guarded(section: str, case: str, check: Callable[[], Row]) -> Row:
     try:
         return check()
     except Exception as error:  # a failing check must not hide the others
-        return Row(section, case, _first_line(error), "", "FAIL")
+        return Row(section, case, _error_cell(error), "", "FAIL")
 
 
 def markdown(rows: Sequence[Row]) -> str:
@@ -567,7 +567,7 @@ def run_checks(
                 with backend_context(backend):
                     section_rows = rows_of(index == 0)
             except Exception as error:
-                section_rows = [Row(section, "all cases", _first_line(error), "", "FAIL")]
+                section_rows = [Row(section, "all cases", _error_cell(error), "", "FAIL")]
             section_rows = [dataclasses.replace(row, case=f"[{backend}] {row.case}") for row in section_rows]
             if reporter is not None:
                 reporter.add(section_rows)

@@ -20,7 +20,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json
+from mabn_d2.utils.atomic_io import atomic_write, atomic_write_json
 from .benchmarking import interleaved_medians, markdown_table
 from demo_datasets.builtin import register_demo_datasets
 from mabn_d2.engine.trainer import MABNTrainer, setup_cfg

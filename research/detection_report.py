@@ -7,7 +7,7 @@ commit per run. The figure plots every run: a line per run with a curve, a marke
 import statistics
 from typing import Dict, List, Sequence
 
-from mabn_d2.engine.atomic_io import atomic_write
+from mabn_d2.utils.atomic_io import atomic_write
 from .benchmarking import markdown_table
 
 __all__ = ["final_table", "curves_table_all", "loss_tables", "wall_table", "detection_report", "plot_records",

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from mabn_d2.engine.atomic_io import atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write_text
 from .recipe import official_schedule
 from mabn_d2.engine.reestimation import evaluation_records
 

@@ -9,7 +9,7 @@ import re
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mabn_d2.engine.atomic_io import atomic_write
+from mabn_d2.utils.atomic_io import atomic_write
 from .benchmarking import markdown_table
 
 __all__ = ["phase_changes", "logged_phase_changes", "plot_health_scalars", "health_demo_lines", "health_overhead_lines", "health_section"]

@@ -11,7 +11,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from mabn_d2.engine.atomic_io import atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write_text
 
 __all__ = ["RECORD_KEYS", "load_records", "write_record", "record_from_run", "loss_windows"]
 

@@ -13,9 +13,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from mabn_d2.engine.atomic_io import atomic_write, atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write, atomic_write_text
 from .ablations import MABNCentered2d
 from mabn_d2.layers import BatchRenorm2d, MABN2d
+from mabn_d2.layers.channel_ops import CHANNEL_REDUCTION_DIMS as _DIMS
 
 __all__ = [
     "BATCH_STATISTICS",
@@ -40,7 +41,6 @@ _BACKWARD_STATISTICS = ("g_B", "Psi_B", "psi_sma", "g_sma")
 NORM_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, BatchRenorm2d, MABN2d, MABNCentered2d,
 )
-_DIMS = (0, 2, 3)
 
 
 class BatchStatsRecorder:

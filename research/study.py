@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 from .ablations import MABNCentered2d, MABNForwardOnly2d
 from mabn_d2.layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from mabn_d2.layers.hyperparams import MABN_HYPERPARAMETERS, defaults

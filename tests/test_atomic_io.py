@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from mabn_d2.engine.atomic_io import atomic_write, atomic_write_text, replace_directory, staged_directory
+from mabn_d2.utils.atomic_io import atomic_write, atomic_write_text, replace_directory, staged_directory
 
 from .conftest import REPO_ROOT
 
@@ -38,7 +38,7 @@ def test_durable_write_replaces_the_file(tmp_path):
 # atomic_io imports nothing of the project: load the file alone, so each process starts in a blink.
 IMPORT_ATOMIC_IO = f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location("atomic_io", {os.path.join(REPO_ROOT, "mabn_d2", "engine", "atomic_io.py")!r})
+spec = importlib.util.spec_from_file_location("atomic_io", {os.path.join(REPO_ROOT, "mabn_d2", "utils", "atomic_io.py")!r})
 atomic_io = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(atomic_io)
 """

@@ -35,7 +35,7 @@ def health_overhead(args: argparse.Namespace, argv: List[str]) -> str:
     """Time the health hook on vs off (see research.health_overhead); print and optionally save."""
     from demo_datasets.builtin import register_demo_datasets
     from mabn_d2.engine import setup_cfg
-    from mabn_d2.engine.atomic_io import atomic_write_json
+    from mabn_d2.utils.atomic_io import atomic_write_json
     from mabn_d2.engine.trainer import HEALTH_PERIOD
     from research.health_overhead import measure_health_overhead
 

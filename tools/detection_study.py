@@ -26,7 +26,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from mabn_d2.engine.atomic_io import atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write_text
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from research.detection_report import detection_report, plot_records
 from research.detection_study import VARIANTS, evaluation_curve, final_metrics, run_detection_study

@@ -26,7 +26,7 @@ from mabn_d2.config import mabn_kwargs_from_cfg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from demo_datasets.builtin import register_demo_datasets
 from mabn_d2.engine import MABNHealthHook, MABNTrainer, setup_cfg
-from mabn_d2.engine.atomic_io import atomic_write_json
+from mabn_d2.utils.atomic_io import atomic_write_json
 
 DEMO_CONFIG = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn.yaml"
 HOOK_LOGGER = "mabn_d2.engine.health"  # the logger name detectron2 writes into each log.txt line

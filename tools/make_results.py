@@ -29,7 +29,7 @@ import subprocess
 from pathlib import Path
 from typing import List, Optional
 
-from mabn_d2.engine.atomic_io import atomic_write_text
+from mabn_d2.utils.atomic_io import atomic_write_text
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from research.benchmarking import markdown_table
 from research.detection_report import curves_table_all, detection_report, plot_records

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mabn_d2.engine.atomic_io import atomic_write, atomic_write_json
+from mabn_d2.utils.atomic_io import atomic_write, atomic_write_json
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from research.stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
 from research.study import NORMS, StudyConfig, norm_label, record_batch_statistics

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..engine.lazy import build_lazy_model, moving_average_norm_keys
-from ..engine.preflight import first_line
+from ..utils.errors import first_line
 from ..layers import MABN2d
 from ..modeling.prepare import prepare_mabn_model
 from ..modeling.registry import build_model

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
 
-from ..engine.atomic_io import atomic_write
+from ..utils.atomic_io import atomic_write
 from ..engine.checkpoint import CONVERTED_AUTHOR, CONVERTED_PREFIX, describe_unreadable
 
 __all__ = [

@@ -11,7 +11,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 from torch import nn
 
-from ..engine.atomic_io import atomic_write
+from ..utils.atomic_io import atomic_write
 from .errors import ExportError
 from .verify import PredictionDiff, compare_predictions
 

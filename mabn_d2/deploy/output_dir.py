@@ -5,7 +5,7 @@ import os
 from typing import Iterator
 
 
-from ..engine.atomic_io import replace_directory, staged_directory
+from ..utils.atomic_io import replace_directory, staged_directory
 from ..engine.preflight import UsageError, check_writable_dir
 from .errors import ExportError
 

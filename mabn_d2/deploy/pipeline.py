@@ -16,7 +16,7 @@ from detectron2.config import CfgNode
 from omegaconf import DictConfig
 from torch import nn
 
-from ..engine.atomic_io import atomic_write
+from ..utils.atomic_io import atomic_write
 from ..engine.preflight import UsageError, check_device
 from .config_forms import config_form
 from .errors import ExportError

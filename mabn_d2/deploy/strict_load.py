@@ -9,9 +9,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..engine.atomic_io import atomic_write
+from ..utils.atomic_io import atomic_write
 from ..engine.checkpoint import CheckpointError, describe_unreadable, verify_checksum
-from ..engine.preflight import first_line
+from ..utils.errors import first_line
 from ..modeling.registry import build_model
 from .errors import ExportError
 from .frozen_config import mabn_norm_keys

@@ -1,5 +1,5 @@
 """Training machinery around detectron2's DefaultTrainer: `MABNTrainer` (trainer), exact resume
-(checkpoint, rank_state, train_stream), atomic writes (atomic_io), configuration and device
+(checkpoint, rank_state, train_stream), configuration and device
 checks before anything is written (preflight), the evaluator by dataset type (evaluation), and
 MABN's health in the training log (health: `MABNHealthHook`, which a stock DefaultTrainer adds with
 `trainer.register_hooks([MABNHealthHook()])`), and LazyConfig (.py) runs with the same parts (lazy:

@@ -30,7 +30,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
 from ..layers.base import MovingAverageNorm
-from .atomic_io import atomic_write
+from ..utils.atomic_io import atomic_write
 from .rank_state import capture_rank_state, restore_rank_state
 
 __all__ = [

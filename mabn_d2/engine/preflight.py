@@ -16,21 +16,12 @@ from detectron2.config import CfgNode
 from ..layers.backend import BACKEND_ENV_VAR, selected_backend, triton_installed
 from ..modeling.registry import NORMS, STOCK_NORMS, valid_norm_names
 from ..norms import triton_step_norm_names
+from ..utils.errors import UsageError, first_line
 
 __all__ = ["STOCK_NORMS", "UsageError", "check_backend", "check_device", "check_norm_names", "check_solver",
            "check_writable_dir", "first_line", "norm_items", "valid_norm_names"]
 
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR")  # detectron2's build_lr_scheduler
-
-
-def first_line(error: BaseException) -> str:
-    """An error's first line (its type's name when it says nothing), for one-line messages."""
-    text = (str(error).strip().strip("'\"").splitlines() or [""])[0]
-    return text or type(error).__name__
-
-
-class UsageError(ValueError):
-    """An input that cannot work; the message is one line naming the key, path or device."""
 
 
 def norm_items(node: CfgNode, prefix: str = "") -> Iterator[Tuple[str, object]]:

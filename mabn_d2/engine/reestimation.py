@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict
 from detectron2.config import CfgNode
 
 
-from .atomic_io import atomic_write_text
+from ..utils.atomic_io import atomic_write_text
 from .checkpoint import MABNCheckpointer
 from .trainer import MABNTrainer, setup_cfg
 from ..modeling.precise_stats import update_mabn_running_var

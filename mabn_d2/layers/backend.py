@@ -11,7 +11,7 @@ public PyTorch operations (every device). The switch, read at every training for
 `set_backend(name)` or `with use_backend(name):` override the environment from code.
 
 Before the kernels serve a (layer type, device, dtype, layout, state dtype) for the first time,
-they run a first-use check (triton/probe.py): every kernel variant on a tiny input, compared with
+they run a first-use check (triton/first_use_check.py): every kernel variant on a tiny input, compared with
 the public path, with none of the layer's state touched. If it raises or disagrees, "auto" logs
 one warning naming the cause and uses the public path for that key from then on; "triton"
 raises with the cause.
@@ -119,10 +119,10 @@ def forget_first_use_checks() -> None:
     _verdicts.clear()
 
 
-def _first_use_failure(key: Tuple, probe: Callable[[], Optional[str]]) -> Optional[str]:
+def _first_use_failure(key: Tuple, first_use_check: Callable[[], Optional[str]]) -> Optional[str]:
     if key not in _verdicts:
         try:
-            verdict = probe()
+            verdict = first_use_check()
         except Exception as error:  # a compile, driver or launch failure: anything the kernels raise
             verdict = f"{type(error).__name__}: {error}"
         _verdicts[key] = verdict
@@ -137,12 +137,12 @@ def _first_use_failure(key: Tuple, probe: Callable[[], Optional[str]]) -> Option
 
 
 def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str,
-               probe: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]] = None,
+               first_use_check: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]] = None,
                state_dtype: Optional[torch.dtype] = None, decisions: Optional[Dict[Tuple, bool]] = None) -> bool:
     """Whether this training step runs on the Triton kernels.
 
     `unsupported_reason()` says why the kernels cannot take these tensors (None: they can).
-    `probe(x, state_dtype)` is the first-use check for the key of these tensors (run once per key).
+    `first_use_check(x, state_dtype)` is the check for the key of these tensors (run once per key).
     Under "triton" every refusal or failed check is an error naming the reason, so a comparison
     of the two paths never silently times the same one twice. `decisions` (a dict the layer owns)
     remembers the answer per backend and input geometry (channels, spatial size, strides, dtype,
@@ -157,7 +157,7 @@ def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]],
         decided = decisions.get(key)
         if decided is not None:
             return decided
-    decided = _decide(x, unsupported_reason, owner, probe, state_dtype, backend)
+    decided = _decide(x, unsupported_reason, owner, first_use_check, state_dtype, backend)
     if key is not None:
         if len(decisions) >= 64:
             decisions.clear()
@@ -166,17 +166,17 @@ def use_triton(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]],
 
 
 def _decide(x: torch.Tensor, unsupported_reason: Callable[[], Optional[str]], owner: str,
-            probe: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]],
+            first_use_check: Optional[Callable[[torch.Tensor, torch.dtype], Optional[str]]],
             state_dtype: Optional[torch.dtype], backend: str) -> bool:
     reason = None
     if not triton_installed():
         reason = "Triton is not installed"
     else:
         reason = _device_reason(x, backend) or unsupported_reason()
-    if reason is None and probe is not None:
+    if reason is None and first_use_check is not None:
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         key = (owner, x.device, x.dtype, channels_last, state_dtype)
-        failure = _first_use_failure(key, lambda: probe(x, state_dtype))
+        failure = _first_use_failure(key, lambda: first_use_check(x, state_dtype))
         if failure is not None:
             reason = f"the first-use check against the public path failed: {failure}"
     if reason is None:

@@ -4,9 +4,10 @@ from torch import nn
 
 from .backend import refuse_graph_capture, use_triton
 from .base import HostIterationCounter
+from .channel_ops import CHANNEL_REDUCTION_DIMS
 from .hyperparams import BRN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
 from .triton.batch_renorm import TritonBatchRenormFunction, triton_brn_unsupported_reason
-from .triton.probe import probe_triton_batch_renorm
+from .triton.first_use_check import first_use_check_batch_renorm
 
 __all__ = ["BatchRenorm2d", "renorm_limits", "batch_renorm_step"]
 
@@ -37,9 +38,8 @@ def batch_renorm_step(
 
     Updates running_mean / running_var in place; a channel whose update is not finite keeps both.
     """
-    dims = (0, 2, 3)
     x_work = x.to(torch.promote_types(x.dtype, running_mean.dtype))  # bf16 -> f32, f64 stays
-    var_b, mean_b = torch.var_mean(x_work, dim=dims, correction=0)
+    var_b, mean_b = torch.var_mean(x_work, dim=CHANNEL_REDUCTION_DIMS, correction=0)
     std_b = (var_b + eps).sqrt()
     with torch.no_grad():
         std_run = (running_var + eps).sqrt()
@@ -59,7 +59,7 @@ def batch_renorm_step(
 
 
 def _first_use_check(x: torch.Tensor, state_dtype: torch.dtype):
-    return probe_triton_batch_renorm(x, state_dtype, public_step=batch_renorm_step)
+    return first_use_check_batch_renorm(x, state_dtype, public_step=batch_renorm_step)
 
 
 class BatchRenorm2d(HostIterationCounter):

@@ -25,7 +25,7 @@ from .channel_ops import (
 )
 from .nonfinite import count_nonfinite_, new_nonfinite_record
 from .triton.mabn import TritonMABNFunction, triton_mabn_unsupported_reason
-from .triton.probe import probe_triton_mabn
+from .triton.first_use_check import first_use_check_mabn
 
 __all__ = ["MABN2d", "MABNFunction", "mabn_inference"]
 
@@ -118,7 +118,7 @@ class MABNFunction(torch.autograd.Function):
 
 
 def _first_use_check(x: torch.Tensor, state_dtype: torch.dtype) -> Optional[str]:
-    return probe_triton_mabn(x, state_dtype, public_function=MABNFunction)
+    return first_use_check_mabn(x, state_dtype, public_function=MABNFunction)
 
 
 class MABN2d(MovingAverageNorm):

@@ -14,7 +14,7 @@ import torch
 
 from ..base import mabn_phase
 
-__all__ = ["probe_triton_mabn", "probe_triton_batch_renorm"]
+__all__ = ["first_use_check_mabn", "first_use_check_batch_renorm"]
 
 _CHANNELS, _SHAPE = 5, (2, 3, 4)  # N, H, W of the check's input
 
@@ -56,7 +56,7 @@ def _step(function, x: torch.Tensor, dy: torch.Tensor, params: List[torch.Tensor
     return [y, *grads]
 
 
-def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
+def first_use_check_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
                       public_function: type) -> Optional[str]:
     """None when MABN's four kernels agree with `public_function` (the layer's public-operation
     autograd Function, `MABNFunction`) in every phase, else what differs.
@@ -89,7 +89,7 @@ def probe_triton_mabn(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional
     return None
 
 
-def probe_triton_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
+def first_use_check_batch_renorm(x: torch.Tensor, state_dtype: torch.dtype, shape: Optional[Sequence[int]] = None, *,
                               public_step: Callable[..., torch.Tensor]) -> Optional[str]:
     """None when Batch Renormalization's kernels agree with `public_step` (the layer's public-operation
     step; r and d clipped and free), else what differs."""
