@@ -11,6 +11,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from .hyperparams import MABN_HYPERPARAMETERS, check_arguments, check_num_features, defaults
+from .nonfinite import new_nonfinite_record
 
 _DEFAULTS = defaults(MABN_HYPERPARAMETERS)
 
@@ -146,12 +147,18 @@ class MovingAverageNorm(HostIterationCounter):
         self.register_buffer("running_var", torch.ones(num_features))
         for name in self.ring_buffers:
             self.register_buffer(name, torch.zeros(buffer_size, num_features))
+        # [batches skipped for non-finite statistics, last iteration counted]: not state, so
+        # checkpoints with or without it load and folds never see it (`nonfinite`)
+        self.register_buffer("nonfinite_skipped", new_nonfinite_record(), persistent=False)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         for name in self.ring_buffers:
             getattr(self, name).zero_()
+        record = self._buffers.get("nonfinite_skipped")  # absent from a layer unpickled from an older version
+        if record is not None:
+            record.zero_()
         self._reset_iteration()
 
     def reset_parameters(self) -> None:

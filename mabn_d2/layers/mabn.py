@@ -17,13 +17,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import refuse_graph_capture, use_triton
-from .base import _DEFAULTS, MABNPhase, MovingAverageNorm, running_var_decay
+from .base import MABNPhase, MovingAverageNorm, running_var_decay
 from .centering_check import ALLOWED, CHECKED, UncenteredInputError, input_centering_problem, uncentered_input_message
 from .channel_ops import (
     accumulation_dtype, channel_normalize, channel_sum, channel_sum_of_products, channel_sum_of_squares, channel_view,
     keep_finite,
 )
-from .nonfinite import count_nonfinite_, new_nonfinite_record
+from .nonfinite import count_nonfinite_
 from .triton.mabn import TritonMABNFunction, triton_mabn_unsupported_reason
 from .triton.first_use_check import first_use_check_mabn
 
@@ -161,25 +161,6 @@ class MABN2d(MovingAverageNorm):
     # How this layer's input is known to suit MABN: CENTERED / ALLOWED (set by prepare_mabn_model
     # and allow_uncentered), CHECKED (its first training step), None (not yet known). Not state.
     input_centering: Optional[str] = None
-
-    def __init__(
-        self,
-        num_features: int,
-        buffer_size: int = _DEFAULTS["buffer_size"],
-        ema_decay: float = _DEFAULTS["ema_decay"],
-        warmup_iters: int = _DEFAULTS["warmup_iters"],
-        renorm_warmup_iters: int = _DEFAULTS["renorm_warmup_iters"],
-        renorm_clip: float = _DEFAULTS["renorm_clip"],
-        eps: float = _DEFAULTS["eps"],
-    ):
-        super().__init__(num_features, buffer_size, ema_decay, warmup_iters, renorm_warmup_iters, renorm_clip, eps)
-        self.register_buffer("nonfinite_skipped", new_nonfinite_record(), persistent=False)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        record = self._buffers.get("nonfinite_skipped")
-        if record is not None:
-            record.zero_()
 
     @property
     def allow_uncentered(self) -> bool:
