@@ -2,8 +2,7 @@
 
 Each norm's section holds its layer arguments as keys, upper-cased, with the table's defaults
 and checks; a section may add keys only the config has (cfg.MODEL.MABN sizes the warm-ups as
-fractions of SOLVER.MAX_ITER) and keeps renamed keys loading (deprecated; MOMENTUM, from before
-the EMA rates got distinct names).
+fractions of SOLVER.MAX_ITER).
 
 Reading a section validates it into the norm's immutable hyper-parameters
 (`layers.hyperparams.HyperparameterValues`), remembered per section content: `setup_cfg`,
@@ -13,7 +12,6 @@ values reach the layers through `mabn_d2.modeling.registry` (while `build_model`
 """
 import contextlib
 import functools
-import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yacs.config
@@ -63,10 +61,7 @@ def float_keys_take_integers() -> Iterator[None]:
 
 
 def _section_defaults(spec: NormSpec) -> CN:
-    node = CN({p.config_key: p.default for p in spec.keys})
-    for old, _ in spec.renamed:
-        node[old] = None  # None: unset; a None default also lets yacs merge a number into it
-    return node
+    return CN({p.config_key: p.default for p in spec.keys})
 
 
 def add_mabn_config(cfg: CN) -> None:
@@ -99,49 +94,30 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     return node
 
 
-# (deprecated key, its new key, the value it gives) of a section, for the warning at each read
-_Deprecated = Tuple[Tuple[str, str, Any], ...]
-
-
 def _validate_section(spec: NormSpec, items: Tuple[Tuple[str, type, Any], ...], reads: Tuple[Tuple[type, Any], ...]
-                      ) -> Tuple[HyperparameterValues, _Deprecated]:
+                      ) -> HyperparameterValues:
     """The one validation of a section: ValueError naming the first bad key and its rule.
 
-    Absent keys take their defaults; unknown keys are errors (most likely misspellings). A
-    deprecated key is checked as the key that replaces it, and setting both to different
-    values is an error.
+    Absent keys take their defaults; unknown keys are errors (most likely misspellings).
     """
     node, prefix = {key: value for key, _, value in items}, f"cfg.MODEL.{spec.section}"
     by_key = {p.config_key: p for p in spec.keys}
-    renamed = dict(spec.renamed)
     for key in node:
-        if key not in by_key and key not in renamed:
-            raise ValueError(f"{prefix}.{key} is not a known key; expected one of {sorted([*by_key, *renamed])}")
+        if key not in by_key:
+            raise ValueError(f"{prefix}.{key} is not a known key; expected one of {sorted(by_key)}")
     for key, parameter in by_key.items():
         if key in node and not parameter.check(node[key]):
             raise ValueError(f"{prefix}.{key} {parameter.requirement}, got {node[key]!r}")
     values = {p.name: node.get(key, p.default) for key, p in by_key.items()}
-    deprecated = []
-    for old, new in renamed.items():
-        if node.get(old) is None:
-            continue
-        parameter = by_key[new]
-        if not parameter.check(node[old]):
-            raise ValueError(f"{prefix}.{old} (deprecated, now {new}) {parameter.requirement}, got {node[old]!r}")
-        if new in node and node[new] != parameter.default and node[new] != node[old]:
-            raise ValueError(f"{prefix}.{old} (deprecated) and its new name {new} are both set, to "
-                             f"{node[old]!r} and {node[new]!r}; keep only {new}")
-        values[parameter.name] = node[old]
-        deprecated.append((old, new, node[old]))
     if spec.resolve is not None:
         values = spec.resolve(values, {key: value for key, (_, value) in zip(spec.reads, reads)})
-    return spec.values(**{p.name: values[p.name] for p in spec.hyperparameters}), tuple(deprecated)
+    return spec.values(**{p.name: values[p.name] for p in spec.hyperparameters})
 
 
 _validate_section_once = functools.lru_cache(maxsize=64)(_validate_section)
 
 
-def _read(cfg: Any, spec: NormSpec) -> Tuple[HyperparameterValues, _Deprecated]:
+def _read(cfg: Any, spec: NormSpec) -> HyperparameterValues:
     """A section's validated values (its defaults when cfg has no such section), validated once per
     content: the same keys and values, and the same values of the cfg keys it `reads`. Types are
     part of the content: 1, 1.0 and True are equal keys to a cache, not to a check."""
@@ -153,14 +129,6 @@ def _read(cfg: Any, spec: NormSpec) -> Tuple[HyperparameterValues, _Deprecated]:
     except TypeError:  # a list or a node where a number belongs: the check names it
         return _validate_section(spec, items, reads)
     return _validate_section_once(spec, items, reads)
-
-
-def _warn_deprecated(spec: NormSpec, deprecated: _Deprecated) -> None:
-    meaning = {p.config_key: p.meaning for p in spec.keys}
-    prefix = f"cfg.MODEL.{spec.section}"
-    for old, new, value in deprecated:
-        warnings.warn(f"{prefix}.{old} is deprecated: it is now {prefix}.{new} ({meaning[new]}); its value "
-                      f"{value!r} is used as {new}", FutureWarning, stacklevel=4)
 
 
 def validate_mabn_config(cfg: CN) -> None:
@@ -175,14 +143,8 @@ def validate_mabn_config(cfg: CN) -> None:
 
 
 def settings_from_cfg(cfg: CN, norm: str) -> HyperparameterValues:
-    """NORM `norm`'s validated hyper-parameters from its cfg section (defaults for anything absent).
-
-    A deprecated key in use gives a FutureWarning naming its new name.
-    """
-    spec = norm_spec(norm)
-    values, deprecated = _read(cfg, spec)
-    _warn_deprecated(spec, deprecated)
-    return values
+    """NORM `norm`'s validated hyper-parameters from its cfg section (defaults for anything absent)."""
+    return _read(cfg, norm_spec(norm))
 
 
 def norm_settings(cfg: CN) -> Dict[str, HyperparameterValues]:

@@ -4,7 +4,7 @@ An entry holds all the package needs to know about a norm, so adding one is its 
 plus `add_norm(NormSpec(...))` (docs/architecture.md, "Adding a norm"). What reads the table:
 
 - `modeling.registry`: the get_norm wrapper (NORM name -> layer) and the build contexts;
-- `config`: the cfg.MODEL.<section> keys, their defaults and checks, renamed keys, and the
+- `config`: the cfg.MODEL.<section> keys, their defaults and checks, and the
   validated hyper-parameters the layers are built from;
 - `modeling.prepare`: frozen stages and per-level statistics in shared heads, for every table
   layer; `modeling.optimizer_params`: the norm weight decay of their parameters;
@@ -45,7 +45,6 @@ class NormSpec:
     hyperparameters: the layer arguments, with defaults and checks (`layers.hyperparams`).
     config_only: keys of the section that are not layer arguments; `resolve` turns the section's
         values into the layer arguments, reading the cfg keys named in `reads` (dotted).
-    renamed: (deprecated key, its new key) pairs: the old key still loads, checked as the new one.
     fold: the stock NORM its layers become in a folded deployment (they fold into
         FrozenBatchNorm2d); None: the fold tool refuses configs using this norm.
     triton_step: MABN_D2_BACKEND picks its training step (a layer with Triton kernels).
@@ -57,7 +56,6 @@ class NormSpec:
     section: str
     hyperparameters: Tuple[Hyperparameter, ...]
     config_only: Tuple[Hyperparameter, ...] = ()
-    renamed: Tuple[Tuple[str, str], ...] = ()
     reads: Tuple[str, ...] = ()
     resolve: Optional[Resolve] = None
     fold: Optional[str] = None
@@ -85,8 +83,6 @@ class NormSpec:
         bad = next((p for p in self.keys if not p.check(p.default)), None)
         if bad:
             return f"the default of {bad.name} fails its check ({bad.requirement}, got {bad.default!r})"
-        if any(new not in keys or old in keys for old, new in self.renamed):
-            return f"renamed keys must map a key that is gone to one that exists, got {self.renamed}"
         if self.config_only and self.resolve is None:
             return "config_only keys need a resolve function"
         if self.fold is not None and self.fold not in STOCK_NORMS:
@@ -95,7 +91,7 @@ class NormSpec:
 
     @property
     def keys(self) -> Tuple[Hyperparameter, ...]:
-        """Every key of the section (except renamed ones): the layer arguments, then config-only keys."""
+        """Every key of the section: the layer arguments, then config-only keys."""
         return self.hyperparameters + self.config_only
 
     def build(self, num_features: int, values: Optional[HyperparameterValues] = None):
@@ -207,11 +203,9 @@ def _mabn_warmups_from_fractions(values: Dict[str, Any], reads: Mapping[str, Any
 MABN = add_norm(NormSpec(
     "MABN", MABN2d, "MABN", MABN_HYPERPARAMETERS,
     config_only=MABN_FRACTIONS, reads=("SOLVER.MAX_ITER",), resolve=_mabn_warmups_from_fractions,
-    renamed=(("MOMENTUM", "EMA_DECAY"),),  # "MOMENTUM" meant opposite things in the two sections
     fold="FrozenBN", triton_step=True, values=MABNHyperparameters,
 ))
 BRN = add_norm(NormSpec(
     "BRN", BatchRenorm2d, "BRN", BRN_HYPERPARAMETERS,
-    renamed=(("MOMENTUM", "EMA_UPDATE_RATE"),),
     triton_step=True, values=BRNHyperparameters,
 ))

@@ -15,9 +15,8 @@ from mabn_d2.config import (
 )
 
 MABN_KEYS = ["BUFFER_SIZE", "EMA_DECAY", "WARMUP_ITERS", "RENORM_WARMUP_ITERS", "WARMUP_FRACTION",
-             "RENORM_WARMUP_FRACTION", "RENORM_CLIP", "EPS", "MOMENTUM"]
-BRN_KEYS = ["EPS", "EMA_UPDATE_RATE", "R_MAX", "D_MAX", "WARMUP_ITERS", "R_MAX_RAMP_ITERS", "D_MAX_RAMP_ITERS",
-            "MOMENTUM"]
+             "RENORM_WARMUP_FRACTION", "RENORM_CLIP", "EPS"]
+BRN_KEYS = ["EPS", "EMA_UPDATE_RATE", "R_MAX", "D_MAX", "WARMUP_ITERS", "R_MAX_RAMP_ITERS", "D_MAX_RAMP_ITERS"]
 
 
 def layer_defaults(cls):
@@ -35,7 +34,7 @@ def test_defaults_are_the_paper_values_and_match_the_layers():
     cfg = new_cfg()
     assert dict(cfg.MODEL.MABN) == dict(
         BUFFER_SIZE=16, EMA_DECAY=0.98, WARMUP_ITERS=100, RENORM_WARMUP_ITERS=1000, WARMUP_FRACTION=-1.0,
-        RENORM_WARMUP_FRACTION=-1.0, RENORM_CLIP=5.0, EPS=1e-5, MOMENTUM=None,
+        RENORM_WARMUP_FRACTION=-1.0, RENORM_CLIP=5.0, EPS=1e-5,
     )
     assert sorted(cfg.MODEL.BRN) == sorted(BRN_KEYS)
     assert mabn_kwargs_from_cfg(cfg) == layer_defaults(MABN2d)
@@ -186,35 +185,16 @@ def test_warmup_iters_beyond_renorm_warmup_count_for_the_warning():
     assert "iteration 500" in long_renorm_warmup_message(cfg)
 
 
-@pytest.mark.parametrize("section, new_key, old_value, kwargs_of, argument", [
-    ("MABN", "EMA_DECAY", 0.9, mabn_kwargs_from_cfg, "ema_decay"),
-    ("BRN", "EMA_UPDATE_RATE", 0.1, brn_kwargs_from_cfg, "ema_update_rate"),
-])
-def test_deprecated_momentum_still_loads_with_a_message(tmp_path, section, new_key, old_value, kwargs_of, argument):
-    path = tmp_path / "old.yaml"
-    path.write_text(f"MODEL:\n  {section}:\n    MOMENTUM: {old_value}\n")
+@pytest.mark.parametrize("section", ["MABN", "BRN"])
+def test_an_unknown_key_is_refused_naming_it(tmp_path, section):
+    """MOMENTUM is no key of either section (the EMA rates are EMA_DECAY and EMA_UPDATE_RATE)."""
+    path = tmp_path / "momentum.yaml"
+    path.write_text(f"MODEL:\n  {section}:\n    MOMENTUM: 0.9\n")
+    with pytest.raises(KeyError, match=rf"MODEL\.{section}\.MOMENTUM"):
+        new_cfg().merge_from_file(str(path))
     cfg = new_cfg()
-    cfg.merge_from_file(str(path))  # a None default accepts the number
-    validate_mabn_config(cfg)
-    with pytest.warns(FutureWarning, match=rf"cfg\.MODEL\.{section}\.MOMENTUM is deprecated: it is now "
-                                           rf"cfg\.MODEL\.{section}\.{new_key}"):
-        kwargs = kwargs_of(cfg)
-    assert kwargs[argument] == old_value
-    assert "momentum" not in kwargs
-
-
-def test_deprecated_momentum_is_checked_as_its_new_key():
-    cfg = new_cfg()
-    cfg.MODEL.MABN.MOMENTUM = 1.5
-    with pytest.raises(ValueError, match=r"^cfg\.MODEL\.MABN\.MOMENTUM \(deprecated, now EMA_DECAY\) must be in"):
-        validate_mabn_config(cfg)
-
-
-def test_deprecated_and_new_key_with_different_values_conflict():
-    cfg = new_cfg()
-    cfg.MODEL.BRN.MOMENTUM = 0.1
-    cfg.MODEL.BRN.EMA_UPDATE_RATE = 0.2
-    with pytest.raises(ValueError, match=r"MOMENTUM \(deprecated\) and its new name EMA_UPDATE_RATE are both set"):
+    cfg.MODEL[section].MOMENTUM = 0.9  # set by hand, past yacs' check: the validation names it
+    with pytest.raises(ValueError, match=rf"^cfg\.MODEL\.{section}\.MOMENTUM is not a known key"):
         validate_mabn_config(cfg)
 
 

@@ -20,7 +20,7 @@ import json
 import sys
 from typing import List, Optional
 
-from mabn_d2.deploy.convert import ConversionError, convert_checkpoint
+from mabn_d2.engine.convert_pretrained import ConversionError, convert_checkpoint
 
 
 def main(argv: Optional[List[str]] = None) -> int:

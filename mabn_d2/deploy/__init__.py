@@ -4,8 +4,7 @@
 - `pipeline.fold_checkpoint`: the whole job behind tools/fold_mabn.py, built from
   `strict_load` (checkpoint must match the config), `frozen_config` (a config stock detectron2
   builds), `verify` (prediction differences against tolerances), `export_formats` (TorchScript,
-  ONNX) and `output_dir` (all files appear at once or not at all);
-- `convert`: ImageNet BN checkpoints (torchvision, detectron2 pkl) to MABN initial weights.
+  ONNX) and `output_dir` (all files appear at once or not at all).
 """
 from .errors import ExportError
 from .fold import FoldReport, fold_mabn

@@ -38,7 +38,6 @@ from .evaluation import build_evaluator_for_dataset
 from .health import MABNHealthHook
 from .preemption import PreemptionCheckpointer
 from .preflight import UsageError, check_device, check_norm_names, check_writable_dir, first_line
-from .rank_state import restore_rng_state
 from .train_stream import SeededStreamDataset, StreamPositionSampler
 
 __all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "ensure_final_checkpoint", "setup_cfg", "TrainingStreamState"]
@@ -51,11 +50,8 @@ HEALTH_PERIOD = 20  # DefaultTrainer's PeriodicWriter period: the mabn/ scalars 
 
 
 class TrainingStreamState:
-    """Checkpointable: the seed of the data stream, shared by all processes.
-
-    Each process's RNG states are saved per process by MABNCheckpointer; checkpoints written
-    before that kept process 0's here, and still load.
-    """
+    """Checkpointable: the seed of the data stream, shared by all processes (each process's RNG
+    states are saved per process by MABNCheckpointer)."""
 
     def __init__(self, dataset: Optional[SeededStreamDataset]):
         self.dataset = dataset
@@ -66,8 +62,6 @@ class TrainingStreamState:
     def load_state_dict(self, state: Dict) -> None:
         if self.dataset is not None and state.get("data_seed") is not None:
             self.dataset.seed = int(state["data_seed"])
-        if "torch" in state:  # written by a single process before per-process states existed
-            restore_rng_state(state)
 
 
 class MABNTrainer(DefaultTrainer):

@@ -252,5 +252,5 @@ class MABN2d(MovingAverageNorm):
             error_msgs.append(
                 f"{key}: {type(self).__name__}'s mean is zero by definition, got a non-zero running_mean "
                 f"(largest magnitude {float(mean.abs().max()):.4g}); convert BatchNorm checkpoints with "
-                "tools/convert_pretrained.py (mabn_d2.deploy.convert.bn_to_mabn) instead"
+                "tools/convert_pretrained.py (mabn_d2.engine.convert_pretrained.bn_to_mabn) instead"
             )

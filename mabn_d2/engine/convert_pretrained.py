@@ -24,7 +24,7 @@ import torch
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
 
 from ..utils.atomic_io import atomic_write
-from ..engine.checkpoint import CONVERTED_AUTHOR, CONVERTED_PREFIX, describe_unreadable
+from .checkpoint import CONVERTED_AUTHOR, CONVERTED_PREFIX, describe_unreadable
 
 __all__ = [
     "ConversionError",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from mabn_d2.deploy.convert import (
+from mabn_d2.engine.convert_pretrained import (
     ConversionError,
     check_resnet_layout,
     convert_checkpoint,
@@ -17,7 +17,7 @@ from mabn_d2.deploy.convert import (
     torchvision_to_detectron2_names,
 )
 
-from ..conftest import REPO_ROOT
+from .conftest import REPO_ROOT
 
 FINETUNE_CONFIG = os.path.join(REPO_ROOT, "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_finetune.yaml")
 
