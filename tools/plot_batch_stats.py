@@ -6,7 +6,7 @@
 Trains the small-batch study's ResNet on Fashion-MNIST once per norm, records mu_B, sigma2_B
 (forward) and g_B, Psi_B (backward) of the chosen layers at every norm forward, draws one
 column per norm, and prints each statistic's fluctuation around its moving average
-(research.stats.relative_fluctuation, and absolute_fluctuation as a ratio to BN(32): g_B and
+(research.batch_stats.relative_fluctuation, and absolute_fluctuation as a ratio to BN(32): g_B and
 Psi_B hover around zero, where only the absolute value tells noise levels apart) over the
 second half of training, where the weights drift less. The moving average spans `--window`
 norm forwards: one SGD step of micro-batches at normalization batch 2, but 16 SGD steps at
@@ -23,8 +23,8 @@ import torch
 
 from mabn_d2.utils.atomic_io import atomic_write, atomic_write_json
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
-from research.stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
-from research.study import NORMS, StudyConfig, norm_label, record_batch_statistics
+from research.batch_stats import BATCH_STATISTICS, absolute_fluctuation, plot_batch_statistics, relative_fluctuation
+from research.small_batch_study import NORMS, StudyConfig, norm_label, record_batch_statistics
 
 DEFAULT_LAYER = "stages.0.0.conv1.norm"  # first conv of the first block, like the paper's layer1.0.bn1
 

@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
-from research.study import NORMS, StudyConfig, run_study
+from research.small_batch_study import NORMS, StudyConfig, run_study
 
 # A few minutes at most: every norm once, through all of MABN's phases (70 x 16 > 1000 forwards).
 QUICK = StudyConfig(iters=70, warmup_iters=10, train_images=2048, test_images=1000, curve_test_images=500, evals=2)

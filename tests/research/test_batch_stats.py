@@ -9,7 +9,7 @@ from torch import nn
 
 from research.ablations import MABNCentered2d
 from mabn_d2.layers import CenteredConv2d, MABN2d
-from research.stats import BatchStatsRecorder, absolute_fluctuation, moving_average, relative_fluctuation
+from research.batch_stats import BatchStatsRecorder, absolute_fluctuation, moving_average, relative_fluctuation
 
 DIMS = (0, 2, 3)
 

@@ -49,7 +49,7 @@ from .ablations import MABNCentered2d, MABNForwardOnly2d
 from mabn_d2.layers import BatchRenorm2d, CenteredConv2d, MABN2d
 from mabn_d2.layers.hyperparams import MABN_HYPERPARAMETERS, defaults
 from mabn_d2.modeling.prepare import allow_uncentered
-from .stats import BatchStatsRecorder
+from .batch_stats import BatchStatsRecorder
 
 __all__ = [
     "NORMS", "NormSpec", "StudyConfig", "norm_label", "SmallResNet", "conv_norm", "build_model", "load_data",

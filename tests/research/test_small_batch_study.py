@@ -11,8 +11,8 @@ from torch import nn
 
 from research.ablations import MABNCentered2d, MABNForwardOnly2d
 from mabn_d2.layers import BatchRenorm2d, CenteredConv2d, MABN2d
-from research.stats import NORM_TYPES
-from research.study import (
+from research.batch_stats import NORM_TYPES
+from research.small_batch_study import (
     NORMS, StudyConfig, batch_indices, build_model, lr_at, make_optimizer, norm_label, run_paths, sgd_step,
     train_run,
 )
