@@ -306,3 +306,55 @@ def test_weights_changed_after_saving_are_refused_before_anything_starts(train_n
                            "OUTPUT_DIR", tmp_path / "run")
             assert f"checkpoint {weights} is damaged: its model state does not match the checksum" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_resume_check_reads_the_checkpoint_once(train_net, tmp_path, monkeypatch, tiny_state):
+    """check_before_start verifies the checkpoint --resume continues from and checks that it fits
+    with one read of the file."""
+    import mabn_d2.engine.checkpoint as checkpoint
+
+    run = _existing_run(tmp_path / "run")
+    torch.save({"model": tiny_state, "iteration": 3}, run / "model_0000003.pth")
+    (run / "last_checkpoint").write_text("model_0000003.pth")
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    _passes(train_net, "--resume", *TINY_MODEL, "OUTPUT_DIR", run)
+    assert reads == [str(run / "model_0000003.pth")]
+    assert checkpoint.check_resume_point(str(run)) == str(run / "model_0000003.pth")
+
+
+def test_the_config_is_read_once_per_run(train_net, tmp_path, monkeypatch):
+    """check_before_start reads and validates the YAML; the training process gets that frozen cfg
+    instead of reading the file again."""
+    from detectron2.config import CfgNode
+
+    reads, trained = [], []
+    real_merge = CfgNode.merge_from_file
+
+    def counting_merge(self, filename, *args, **kwargs):
+        reads.append(filename)
+        return real_merge(self, filename, *args, **kwargs)
+
+    class RecordingTrainer:
+        def __init__(self, cfg):
+            trained.append(cfg)
+
+        def resume_or_load(self, resume):
+            pass
+
+        def train(self):
+            return {}
+
+    monkeypatch.setattr(CfgNode, "merge_from_file", counting_merge)
+    monkeypatch.setattr(train_net, "MABNTrainer", RecordingTrainer)
+    monkeypatch.setattr(train_net, "register_demo_datasets", lambda cfg: None)
+    assert train_net.invoke_main(["--config-file", DEMO_CONFIG, *TINY_MODEL, "OUTPUT_DIR", str(tmp_path / "run")]) == 0
+    assert reads == [DEMO_CONFIG] and len(trained) == 1
+    assert trained[0].is_frozen() and trained[0].OUTPUT_DIR == str(tmp_path / "run")
+    assert (tmp_path / "run" / "config.yaml").is_file()  # the process's setup still ran (default_setup)

@@ -32,6 +32,7 @@ import sys
 from typing import Iterator, List, Optional
 
 import torch.multiprocessing
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -39,8 +40,9 @@ from detectron2.utils import comm
 import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from demo_datasets.builtin import register_demo_datasets, register_lazy_demo_datasets
-from mabn_d2.engine import MABNTrainer, setup_cfg
-from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, check_resume_point
+from mabn_d2.engine import MABNTrainer
+from mabn_d2.engine.trainer import read_cfg, setup_run
+from mabn_d2.engine.checkpoint import CheckpointError, MABNCheckpointer, read_resume_point
 from mabn_d2.engine.lazy import check_lazy_before_start, is_lazy_config, load_lazy_config
 from mabn_d2.engine.lazy_trainer import run_lazy
 from mabn_d2.engine.preemption import PREEMPTION_SIGNALS
@@ -52,10 +54,15 @@ logger = logging.getLogger("mabn_d2.train_net")
 USAGE_ERROR_STATUS = 2
 
 
-def main(args):
+def main(args, cfg: Optional[CfgNode] = None):
+    """One training process. `cfg`: the YAML config as `check_before_start` read and checked it
+    (read here when None). A LazyConfig is loaded in each process, as detectron2 does: it may hold
+    objects that do not pickle."""
     if is_lazy_config(args.config_file):
         return run_lazy(args, register_datasets=register_lazy_demo_datasets)
-    cfg = setup_cfg(args.config_file, args.opts, args, check_output=False)  # check_before_start did those
+    if cfg is None:
+        cfg = read_cfg(args.config_file, args.opts)
+    setup_run(cfg, args, check_output=False)  # check_before_start checked MODEL.DEVICE and OUTPUT_DIR
     register_demo_datasets(cfg)
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
@@ -69,8 +76,9 @@ def main(args):
     return trainer.train()
 
 
-def check_before_start(args) -> None:
-    """The checks every process would otherwise fail on, done once, before anything is written.
+def check_before_start(args) -> Optional[CfgNode]:
+    """The checks every process would otherwise fail on, done once, before anything is written;
+    returns the YAML config read (None for a LazyConfig), which the training processes are given.
 
     Cheapest first; the checkpoint comes last, as it is compared with a model built on the CPU.
     A LazyConfig gets the same checks under its own keys (`check_lazy_before_start`).
@@ -78,18 +86,20 @@ def check_before_start(args) -> None:
     if is_lazy_config(args.config_file):
         check_lazy_before_start(args.config_file, args.opts, training_processes(args), eval_only=args.eval_only,
                                 resume=args.resume)
-        return
-    cfg = setup_cfg(args.config_file, args.opts)
+        return None
+    cfg = read_cfg(args.config_file, args.opts)
     check_device(cfg.MODEL.DEVICE, args.num_gpus if cfg.MODEL.DEVICE.startswith("cuda") else 1)
     check_backend(cfg)
     check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     if not args.eval_only:
         check_solver(cfg, training_processes(args))
-    resume_point = check_resume_point(cfg.OUTPUT_DIR) if args.resume else None
-    if resume_point:  # MODEL.WEIGHTS is not used
-        check_resume_fits(cfg, resume_point)
-        return
+    resume_point = read_resume_point(cfg.OUTPUT_DIR) if args.resume else None
+    if resume_point:  # MODEL.WEIGHTS is not used; the checkpoint is read once
+        path, contents = resume_point
+        check_resume_fits(cfg, path, contents=contents)
+        return cfg
     check_weights_fit(cfg, cfg.MODEL.WEIGHTS, eval_only=args.eval_only)  # reads MODEL.WEIGHTS once
+    return cfg
 
 
 def training_processes(args) -> int:
@@ -97,10 +107,10 @@ def training_processes(args) -> int:
     return max(1, args.num_gpus * args.num_machines)
 
 
-def _main_reporting_errors(args):
+def _main_reporting_errors(args, cfg: Optional[CfgNode] = None):
     """`main` in one process; a known problem ends it with one line and status 2, no traceback."""
     try:
-        return main(args)
+        return main(args, cfg)
     except (UsageError, CheckpointError) as error:
         print(f"train_net: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(USAGE_ERROR_STATUS) from None
@@ -121,20 +131,20 @@ def parse_args(argv: Optional[List[str]] = None):
 def invoke_main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        check_before_start(args)
+        cfg = check_before_start(args)
     except (UsageError, CheckpointError) as error:
         print(f"train_net: error: {error}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     logger.info("Command Line Args: %s", args)
     received: List[int] = []
     with _signals_passed_on(training_processes(args) > 1, received):
-        status = _launch(args)
+        status = _launch(args, cfg)
     if status == 0 and received:  # a process stopped by the signal before training began ends as 0
         return 128 + received[0]
     return status
 
 
-def _launch(args) -> int:
+def _launch(args, cfg: Optional[CfgNode] = None) -> int:
     try:
         launch(
             _main_reporting_errors,
@@ -142,23 +152,25 @@ def _launch(args) -> int:
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
-            args=(args,),
+            args=(args, cfg),
         )
     except SystemExit as exit_:  # one process: the error line is printed already, or it was preempted
         return exit_.code if isinstance(exit_.code, int) else 1
     except (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException) as error:
         # One process failed and torch stopped the others: name it, unless it said why itself.
         explained = (USAGE_ERROR_STATUS, *(128 + signum for signum in PREEMPTION_SIGNALS))
-        return report_rank_failure(error, _output_dir(args), args.machine_rank * args.num_gpus, explained)
+        return report_rank_failure(error, _output_dir(args, cfg), args.machine_rank * args.num_gpus, explained)
     return 0
 
 
-def _output_dir(args) -> Optional[str]:
+def _output_dir(args, cfg: Optional[CfgNode]) -> Optional[str]:
     """The run's OUTPUT_DIR, for the line on a failed process (None when the config does not load)."""
+    if cfg is not None:
+        return cfg.OUTPUT_DIR
     try:
         if is_lazy_config(args.config_file):
             return load_lazy_config(args.config_file, args.opts).train.output_dir
-        return setup_cfg(args.config_file, args.opts).OUTPUT_DIR
+        return read_cfg(args.config_file, args.opts).OUTPUT_DIR
     except Exception:  # noqa: BLE001  (the line then goes without the checkpoint to resume from)
         return None
 

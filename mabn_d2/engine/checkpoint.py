@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -39,6 +39,7 @@ __all__ = [
     "MODEL_CHECKSUM_KEY",
     "RANK_STATES_KEY",
     "check_resume_point",
+    "read_resume_point",
     "describe_unreadable",
     "model_checksum",
     "read_checkpoint",
@@ -173,20 +174,28 @@ def _named_checkpoint(save_dir: str) -> str:
     return os.path.join(save_dir, name)
 
 
-def check_resume_point(save_dir: str) -> Optional[str]:
-    """The checkpoint `--resume` would continue from (None when there is none), verified to load.
+def read_resume_point(save_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(path, contents) of the checkpoint `--resume` would continue from, verified against its
+    checksum; None when there is none.
 
     Cheap (memory-mapped): meant to run before anything starts, so a bad file is reported in
-    one line instead of failing every training process.
+    one line instead of failing every training process. The contents go on to the fit check,
+    so the file is read once.
     """
     if not os.path.isfile(os.path.join(save_dir, LAST_CHECKPOINT)):
         return None
     path = _named_checkpoint(save_dir)
     try:
-        read_checkpoint(path, mmap=True)  # verified against its checksum
+        data = read_checkpoint(path, mmap=True)  # verified against its checksum
     except CheckpointError as error:
         raise CheckpointError(_cannot_resume(save_dir, path, str(error))) from error
-    return path
+    return path, data
+
+
+def check_resume_point(save_dir: str) -> Optional[str]:
+    """The checkpoint `--resume` would continue from (None when there is none), verified to load."""
+    found = read_resume_point(save_dir)
+    return None if found is None else found[0]
 
 
 def remove_stale_temporary_files(save_dir: str) -> List[str]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..norms import norm_layer_classes, norm_specs
 from ..modeling.prepare import prepare_mabn_model
-from .checkpoint import CheckpointError, check_resume_point, read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint, read_resume_point
 from .preflight import UsageError, check_backend, check_device, check_writable_dir, first_line
 from .weights_fit import ModelLayout, check_resume_fits, check_weights_fit, layout_of
 
@@ -328,9 +328,10 @@ def check_lazy_before_start(path: str, overrides: Sequence[str], processes: int 
         _check_solver(cfg, processes)
     layout = lazy_model_layout(_quiet_cpu_model(cfg, path))
     try:
-        resume_point = check_resume_point(output_dir) if resume else None
-        if resume_point:  # train.init_checkpoint is not used
-            check_resume_fits(None, resume_point, layout=layout)
+        resume_point = read_resume_point(output_dir) if resume else None
+        if resume_point:  # train.init_checkpoint is not used; the checkpoint is read once
+            resume_path, contents = resume_point
+            check_resume_fits(None, resume_path, layout=layout, contents=contents)
             return cfg
         weights = _select(cfg, "train.init_checkpoint") or ""
         _check_init_checkpoint(weights)

@@ -40,7 +40,8 @@ from .preemption import PreemptionCheckpointer
 from .preflight import UsageError, check_device, check_norm_names, check_writable_dir, first_line
 from .train_stream import SeededStreamDataset, StreamPositionSampler
 
-__all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "ensure_final_checkpoint", "setup_cfg", "TrainingStreamState"]
+__all__ = ["FINAL_CHECKPOINT", "MABNTrainer", "ensure_final_checkpoint", "read_cfg", "setup_cfg", "setup_run",
+           "TrainingStreamState"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,14 +224,24 @@ def _identity(sample):
 
 
 def setup_cfg(config_file: str, opts: List[str], args=None, check_output: bool = True) -> CfgNode:
-    """get_cfg + MABN keys + file + command-line opts, validated and frozen.
+    """get_cfg + MABN keys + file + command-line opts, validated and frozen (`read_cfg`).
 
-    With `args` (a training or evaluation run), also checks MODEL.DEVICE and OUTPUT_DIR, then
-    runs default_setup, which writes config.yaml and the log into OUTPUT_DIR: every check
-    comes first, so a bad value never overwrites an existing run's config.yaml (`check_output=False`:
-    the caller has checked MODEL.DEVICE and OUTPUT_DIR already, as tools/train_net.py does once
-    before it starts the processes). Raises
-    UsageError (a ValueError) with one line naming the problem.
+    With `args` (a training or evaluation run), also `setup_run`: checks MODEL.DEVICE and
+    OUTPUT_DIR, then detectron2's default_setup, which writes config.yaml and the log into
+    OUTPUT_DIR: every check comes first, so a bad value never overwrites an existing run's
+    config.yaml. Raises UsageError (a ValueError) with one line naming the problem.
+    """
+    cfg = read_cfg(config_file, opts)
+    if args is not None:
+        setup_run(cfg, args, check_output)
+    return cfg
+
+
+def read_cfg(config_file: str, opts: List[str]) -> CfgNode:
+    """get_cfg + MABN keys + file + command-line opts, validated and frozen; UsageError naming the problem.
+
+    The one read of a run's config: tools/train_net.py reads it before it starts the training
+    processes and hands each of them the frozen result (`setup_run`).
     """
     cfg = get_cfg()
     add_mabn_config(cfg)
@@ -250,12 +261,21 @@ def setup_cfg(config_file: str, opts: List[str], args=None, check_output: bool =
         raise UsageError(str(error)) from error
     check_norm_names(cfg)
     cfg.freeze()
-    if args is not None:
-        if check_output:
-            check_device(cfg.MODEL.DEVICE)
-            check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
-        default_setup(cfg, args)
-        setup_package_logger(cfg.OUTPUT_DIR)
+    return cfg
+
+
+def setup_run(cfg: CfgNode, args, check_output: bool = True) -> CfgNode:
+    """One process's setup for a run of the read `cfg`: detectron2's default_setup (config.yaml,
+    log.txt, seed, environment) and the package's logger into the same log.txt.
+
+    `check_output=False`: the caller has checked MODEL.DEVICE and OUTPUT_DIR already, as
+    tools/train_net.py does once before it starts the processes.
+    """
+    if check_output:
+        check_device(cfg.MODEL.DEVICE)
+        check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    default_setup(cfg, args)
+    setup_package_logger(cfg.OUTPUT_DIR)
     return cfg
 
 

@@ -103,12 +103,14 @@ def check_weights_fit(cfg: CfgNode, weights: str, *, eval_only: bool = False,
                       buffer_size_remedy="train with MODEL.MABN.BUFFER_SIZE {size}")
 
 
-def check_resume_fits(cfg: CfgNode, path: str, layout: Optional[ModelLayout] = None) -> None:
+def check_resume_fits(cfg: CfgNode, path: str, layout: Optional[ModelLayout] = None,
+                      contents: Optional[Mapping[str, Any]] = None) -> None:
     """CheckpointError when the checkpoint `--resume` continues from does not fit the model `cfg` builds.
 
     A change of MODEL.MABN.BUFFER_SIZE is named as such: the ring buffers hold that many iterations.
+    `contents`: the file as `checkpoint.read_resume_point` read it (else it is read here).
     """
-    state = _model_state(path)
+    state = _model_state(path, contents)
     if state is None:
         return
     config = os.path.join(os.path.dirname(path), "config.yaml")
@@ -153,10 +155,11 @@ def _weights_file(weights: str) -> Optional[_WeightsFile]:
     return _WeightsFile(path, not heuristics)
 
 
-def _model_state(path: str) -> Optional[Mapping[str, Any]]:
+def _model_state(path: str, contents: Optional[Mapping[str, Any]] = None) -> Optional[Mapping[str, Any]]:
     """The model state of a checkpoint (memory-mapped, as detectron2 reads it; verified against the
-    checksum saved with it), or None when its names are matched by heuristics at load."""
-    data = read_checkpoint(path, mmap=True)
+    checksum saved with it) or of its `contents` already read, or None when its names are matched
+    by heuristics at load."""
+    data = read_checkpoint(path, mmap=True) if contents is None else contents
     if data.get("matching_heuristics", False):
         return None
     state = data["model"] if isinstance(data.get("model"), Mapping) else data
