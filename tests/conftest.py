@@ -25,6 +25,19 @@ def demo_datasets_dir(tmp_path_factory):
         os.environ["DETECTRON2_DATASETS"] = previous
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module; opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``. The tensors there are tiny: extra
+    intra-op threads only add waiting on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _TOOL_LOGGERS = ("mabn_d2", "detectron2", "d2", "fvcore", "")
 
 

@@ -21,13 +21,7 @@ from .conftest import REPO_ROOT
 
 FIX = r"mabn_d2\.prepare_mabn_model\(model\).*mabn_d2\.allow_uncentered\(model\)"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet18(**kwargs):
@@ -79,7 +73,7 @@ def test_isort_ordered_script_refuses_its_first_step_then_trains_once_prepared()
 
         import mabn_d2
         from mabn_d2.layers import UncenteredInputError
-        from tests.test_registry import detection_batch, small_resnet_cfg
+        from tests.modeling.helpers import detection_batch, small_resnet_cfg
 
         torch.set_num_threads(1)
         cfg = small_resnet_cfg("MABN", 0)

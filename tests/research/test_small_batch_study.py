@@ -24,14 +24,8 @@ TINY = StudyConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the study runs: on a busy 2-core machine two threads spin-wait and
-    tiny micro-batch steps get many times slower. The tools also set it; restore it after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread, as the study runs (the tools also set it; the fixture restores it after).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tool(name: str):
