@@ -41,8 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "results"
 STATS = ("mu_B", "sigma2_B", "g_B", "Psi_B")
-# committed section folder -> prefix of its figures' names in docs/
-FIGURE_PREFIX = {"small_batch_study": "study_", "batch_stats": ""}
 
 
 def _git_commit() -> str:
@@ -57,13 +55,12 @@ def _optional_text(path: Path, wrap: str = "{}") -> List[str]:
     return [wrap.format(path.read_text().strip()), ""] if path.exists() else []
 
 
-def committed_section(folder: Path, docs: Path) -> List[str]:
-    """A section committed as rendered markdown; its figures are copied into docs/ under prefixed names."""
+def committed_section(folder: Path) -> List[str]:
+    """A section committed as rendered markdown; its figures stay in results/ and docs/results.md
+    links them there (docs/ and results/ are siblings in the repository; one copy of each figure)."""
     text = (folder / "section.md").read_text().strip()
-    prefix = FIGURE_PREFIX.get(folder.name, folder.name + "_")
     for png in sorted(folder.glob("*.png")):
-        shutil.copyfile(png, docs / f"{prefix}{png.name}")
-        text = text.replace(f"]({png.name})", f"]({prefix}{png.name})")
+        text = text.replace(f"]({png.name})", f"](../results/{folder.name}/{png.name})")
     return [text, ""]
 
 
@@ -201,15 +198,15 @@ def make_results(results: Path = RESULTS, output: Path = DOCS / "results.md") ->
              "Each section says the commit its runs trained at.", ""]
     lines += _optional_text(DOCS / "results_reading.md")  # hand-written, always the checkout's
     if (results / "small_batch_study" / "section.md").exists():
-        lines += committed_section(results / "small_batch_study", docs)
+        lines += committed_section(results / "small_batch_study")
     if (results / "batch_stats" / "section.md").exists():
-        lines += committed_section(results / "batch_stats", docs)
+        lines += committed_section(results / "batch_stats")
     if list((results / "detection_study").glob("*_seed*.json")):
         lines += detection_section(results / "detection_study", docs)
     if list((results / "detection_long_schedule").glob("*_seed*.json")):
         lines += long_schedule_section(results / "detection_long_schedule")
     if (results / "benchmarks" / "section.md").exists():
-        lines += committed_section(results / "benchmarks", docs)
+        lines += committed_section(results / "benchmarks")
     if paper_setting_folders(results):
         lines += paper_setting_section(paper_setting_folders(results))
     if list((results / "paper_recipe").glob("*_seed*.json")):

@@ -206,8 +206,8 @@ def test_results_doc_is_rendered_from_a_results_folder_alone(tmp_path):
             "curve": {"4": {key: 10.0 for key in METRICS}}, "loss_windows": None, "commit": commit,
             "wall_minutes": wall, "config_opts": [], "source": "test"})
     text = tool.make_results(results, tmp_path / "docs" / "results.md")
-    assert "the tables" in text and "![c](study_accuracy_curves.png)" in text
-    assert (tmp_path / "docs" / "study_accuracy_curves.png").read_bytes() == b"png"
+    assert "the tables" in text and "![c](../results/small_batch_study/accuracy_curves.png)" in text
+    assert not (tmp_path / "docs" / "study_accuracy_curves.png").exists()  # linked, not copied
     assert "| BN_seed0 | 12.0 | abc1234 | test |" in text
     assert "| GN_seed0 | – | def5678 | test |" in text
     assert (tmp_path / "docs" / "detection_ap_curves.png").exists()
