@@ -1,8 +1,10 @@
-"""tools/check_cuda.py and its checks (research.cuda_check): every part that runs without a GPU, on the CPU.
+"""tools/check_cuda.py and its checks (mabn_d2.layers.cuda_check): every part that runs without a GPU, on the CPU.
 
-Correctness, host-sync, autocast and timing checks take a device; here they run on "cpu" and
-must pass, and they must fail when the layer math or its host behaviour is broken. Without a
-CUDA GPU the script exits non-zero with a one-line message and imports no detectron2 first.
+Correctness, host-sync and autocast checks take a device; here they run on "cpu" and must pass,
+and they must fail when the layer math or its host behaviour is broken. Without a CUDA GPU the
+script exits non-zero with a one-line message and imports no detectron2 first. The ablation
+layers and the timings (tools/benchmark_cuda.py, research.cuda_benchmarks) are tested in
+tests/research/test_cuda_benchmarks.py.
 """
 import importlib.util
 import os
@@ -20,8 +22,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def check_cuda():
-    """The checks (research.cuda_check); tools/check_cuda.py is their command line."""
-    import research.cuda_check as module
+    """The checks (mabn_d2.layers.cuda_check); tools/check_cuda.py is their command line."""
+    import mabn_d2.layers.cuda_check as module
 
     return module
 
@@ -45,7 +47,24 @@ def test_correctness_checks_pass_on_the_cpu(check_cuda, dtype):
         for channels_last in (False, True)]
     rows += [check_cuda.check_layer_against_cpu(CPU, dtype, name, factory, check_cuda.SHORT_ITERATIONS)
              for name, factory in check_cuda.short_phase_layers().items()]
+    assert [row.case.split(" ")[0] for row in rows] == ["MABN2d", "MABN2d", "BatchRenorm2d"]
     assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
+
+
+def test_brn_correctness_check_fails_when_the_device_run_differs(check_cuda, monkeypatch):
+    """The generic check compares the layer with its own float64 CPU run: a device-side change shows."""
+    import mabn_d2.layers.batch_renorm as brn_module
+
+    original = brn_module.batch_renorm_step
+
+    def off_in_float32(x, *args, **kwargs):
+        y = original(x, *args, **kwargs)
+        return y * 1.001 if x.dtype == torch.float32 else y
+
+    monkeypatch.setattr(brn_module, "batch_renorm_step", off_in_float32)
+    factory = check_cuda.short_phase_layers()["BatchRenorm2d"]
+    row = check_cuda.check_layer_against_cpu(CPU, torch.float32, "BatchRenorm2d", factory, check_cuda.SHORT_ITERATIONS)
+    assert row.status == "FAIL", row
 
 
 def test_correctness_check_fails_when_the_math_is_wrong(check_cuda, monkeypatch):
@@ -68,9 +87,22 @@ def test_correctness_check_requires_clipped_renormalization(check_cuda):
     assert row.status == "FAIL" and "never clipped" in row.result
 
 
+def test_default_phases_are_the_layers_defaults(check_cuda):
+    import inspect
+
+    from mabn_d2.layers import MABN2d
+
+    signature = inspect.signature(MABN2d.__init__).parameters
+    assert check_cuda.DEFAULT_PHASES == {name: signature[name].default for name in check_cuda.DEFAULT_PHASES}
+    assert set(check_cuda.DEFAULT_PHASES) == set(check_cuda.SHORT_PHASES)
+    renorm = check_cuda.DEFAULT_PHASES["renorm_warmup_iters"]
+    assert renorm < check_cuda.DEFAULT_JUMP < check_cuda.DEFAULT_ITERATIONS  # the default run reaches clipped r
+
+
 def test_host_sync_checks_pass_on_the_cpu(check_cuda, check_cuda_tool):
     rows = check_cuda.host_sync_rows(CPU, host_read_watch=check_cuda_tool.forbid_host_reads)
-    assert [row.status for row in rows] == ["ok"] * 4, check_cuda.markdown(rows)
+    assert [row.case.split(":")[0] for row in rows] == ["MABN2d", "BatchRenorm2d"]
+    assert [row.status for row in rows] == ["ok"] * 2, check_cuda.markdown(rows)
 
 
 def test_host_sync_check_catches_a_host_read(check_cuda, check_cuda_tool):
@@ -89,7 +121,7 @@ def test_host_sync_check_catches_a_host_read(check_cuda, check_cuda_tool):
 
 def test_autocast_checks_pass_on_the_cpu(check_cuda):
     rows = check_cuda.autocast_rows(CPU)
-    assert len(rows) == 8
+    assert len(rows) == 4  # (bf16, fp16) x (MABN2d, BatchRenorm2d)
     assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
 
 
@@ -98,26 +130,6 @@ def test_autocast_check_catches_reduced_precision_state(check_cuda):
 
     row = check_cuda.check_autocast(CPU, torch.bfloat16, "bf16 state", MABN2d(6, **check_cuda.SHORT_PHASES).bfloat16(), 3)
     assert row.status == "FAIL", row
-
-
-def test_layer_timing_rows(check_cuda):
-    rows = check_cuda.layer_time_rows(CPU, shapes=[(2, 64, 6, 8)], repeats=1)
-    assert [row.case for row in rows[:5]] == [f"2x64x6x8 {n}" for n in ("MABN2d", "BatchNorm2d", "GroupNorm", "FrozenBN", "BatchRenorm2d")]
-    assert "1.00x BN" in rows[1].result and "median over shapes" in rows[-1].case
-
-
-def test_speed_targets_are_judged_for_the_triton_step_on_cuda_only(check_cuda):
-    from mabn_d2.layers.backend import use_backend
-
-    rows = check_cuda.layer_time_rows(CPU, shapes=[(2, 64, 6, 8)], repeats=1)
-    assert [row.case for row in rows[-2:]] == ["BatchRenorm2d, median over shapes", "MABN2d, median over shapes"]
-    assert all(row.status == "info" and "1.2x BN" in rows[-1].limit for row in rows[-2:])
-    cuda = torch.device("cuda")
-    with use_backend("auto"):
-        assert check_cuda._speed_row("layer time", "c", "r", {"fast": True}, cuda).status == "ok"
-        assert check_cuda._speed_row("layer time", "c", "r", {"fast": True, "slow": False}, cuda).status == "FAIL"
-    with use_backend("torch"):
-        assert check_cuda._speed_row("layer time", "c", "r", {"slow": False}, cuda).status == "info"
 
 
 def test_a_failing_check_becomes_a_row(check_cuda):
@@ -131,39 +143,80 @@ def test_a_failing_check_becomes_a_row(check_cuda):
 
 
 def test_each_section_runs_once_per_backend_and_says_which(check_cuda, monkeypatch):
+    """The layer sections and a caller's extra sections, each once per backend, under that backend;
+    the caller's layers reach the layer sections and `first_backend` is true for the first only."""
     from mabn_d2.layers.backend import selected_backend
 
+    seen_layers, firsts = [], []
+
     def rows_under_the_backend(section):
-        return lambda *args, **kwargs: [check_cuda.Row(section, f"seen {selected_backend()}", "", "", "ok")]
+        def rows_of(*args, **kwargs):
+            seen_layers.append((section, kwargs.get("extra_layers")))
+            return [check_cuda.Row(section, f"seen {selected_backend()}", "", "", "ok")]
+        return rows_of
 
     for name, section in (("correctness_rows", "correctness"), ("host_sync_rows", "no host sync"),
-                          ("autocast_rows", "autocast"), ("layer_time_rows", "layer time"), ("maskrcnn_rows", "Mask R-CNN step")):
+                          ("autocast_rows", "autocast")):
         monkeypatch.setattr(check_cuda, name, rows_under_the_backend(section))
+
+    def extra_section(first):
+        firsts.append(first)
+        return [check_cuda.Row("extra", f"seen {selected_backend()}", "", "", "ok")]
 
     def failing(*args, **kwargs):
         raise ValueError("no kernels for this\nsecond line")
 
     monkeypatch.setattr(check_cuda, "autocast_rows", failing)
-    rows = check_cuda.run_checks(CPU, backends=("torch", "auto"))
+    layers = {"Extra2d": lambda c: torch.nn.BatchNorm2d(c)}
+    rows = check_cuda.run_checks(CPU, backends=("torch", "auto"), extra_layers=layers,
+                                 extra_sections=[("extra", extra_section)])
+    assert [row.section for row in rows] == ["correctness"] * 2 + ["no host sync"] * 2 + ["autocast"] * 2 + ["extra"] * 2
     assert [row.case for row in rows if row.section == "correctness"] == ["[torch] seen torch", "[auto] seen auto"]
-    assert [row.case for row in rows if row.section == "Mask R-CNN step"] == ["[torch] seen torch", "[auto] seen auto"]
+    assert [row.case for row in rows if row.section == "extra"] == ["[torch] seen torch", "[auto] seen auto"]
+    assert firsts == [True, False]
+    assert seen_layers == [("correctness", layers)] * 2 + [("no host sync", layers)] * 2
     failed = [row for row in rows if row.section == "autocast"]
     assert [(row.case, row.status, row.result) for row in failed] == [
         ("[torch] all cases", "FAIL", "ValueError: no kernels for this"), ("[auto] all cases", "FAIL", "ValueError: no kernels for this")]
     assert check_cuda.available_backends()[0] == "torch"
 
 
+def test_extra_layers_join_every_layer_section(check_cuda, check_cuda_tool):
+    """A caller's layer gets correctness, host-sync and autocast rows beside the plugin's."""
+    from mabn_d2.layers import MABN2d
+
+    layers = {"Another MABN2d": lambda c: MABN2d(c, **check_cuda.SHORT_PHASES)}
+    assert list(check_cuda.short_phase_layers(layers)) == ["BatchRenorm2d", "Another MABN2d"]
+    rows = check_cuda.host_sync_rows(CPU, host_read_watch=check_cuda_tool.forbid_host_reads, extra_layers=layers)
+    rows += check_cuda.autocast_rows(CPU, dtypes=(torch.bfloat16,), extra_layers=layers)
+    assert [row.case.split(":")[0].split(" under")[0] for row in rows] == [
+        "MABN2d", "BatchRenorm2d", "Another MABN2d", "MABN2d", "BatchRenorm2d", "Another MABN2d"]
+    assert all(row.status == "ok" for row in rows), check_cuda.markdown(rows)
+
+
 @pytest.mark.slow
-def test_every_check_runs_on_the_cpu_with_small_model_images(check_cuda, check_cuda_tool):
-    rows = check_cuda.run_checks(CPU, repeats=1, model_repeats=1, height=64, width=96, shapes=[(2, 64, 6, 8)],
-                                 host_read_watch=check_cuda_tool.forbid_host_reads)
+def test_every_check_runs_on_the_cpu(check_cuda, check_cuda_tool):
+    rows = check_cuda.run_checks(CPU, host_read_watch=check_cuda_tool.forbid_host_reads)
     assert not [row for row in rows if row.status == "FAIL"], check_cuda.markdown(rows)
     sections = [row.section for row in rows]
-    assert [sections.count(s) for s in ("correctness", "no host sync", "autocast", "layer time")] == [11, 4, 8, 7]
-    assert sum("1100 it." in row.case for row in rows) == 2  # the default warm-ups, re-normalization included
-    steps = [row for row in rows if row.section == "Mask R-CNN step"]
-    assert [row.case.split(",")[0] for row in steps] == ["[torch] MABN", "[torch] BN", "[torch] GN", "[torch] BRN"]
-    assert "1.00x BN" in steps[1].result
+    assert [sections.count(s) for s in ("correctness", "no host sync", "autocast")] == [7, 2, 4] and len(rows) == 13
+    default_run = f"{check_cuda.DEFAULT_ITERATIONS} it."
+    assert sum(default_run in row.case for row in rows) == 2  # the default warm-ups, re-normalization included
+
+
+def test_the_tool_runs_the_plugin_checks_only(check_cuda, check_cuda_tool, monkeypatch, capsys):
+    """tools/check_cuda.py: the plugin's sections with its host-read watch, no extra layers or sections."""
+    calls = []
+
+    def recorded(device, backends, reporter, host_read_watch, extra_layers, sections):
+        calls.append((device, list(backends), host_read_watch, extra_layers, sections))
+        return []
+
+    monkeypatch.setattr(check_cuda, "select_device", lambda name: CPU)
+    monkeypatch.setattr(check_cuda, "run_checks", recorded)
+    assert check_cuda_tool.main(["--backends", "torch", "--quick"]) == 0
+    assert calls == [(CPU, ["torch"], check_cuda_tool.forbid_host_reads, None, [])]
+    assert "all checks passed" in capsys.readouterr().out
 
 
 def _run_script(code_before: str = "", args=()):
@@ -249,10 +302,6 @@ def test_rows_stream_as_measured_into_stdout_and_the_file_and_the_summary_fits_8
     monkeypatch.setattr(check_cuda, "correctness_rows", section("correctness", 200, "FAIL"))
     monkeypatch.setattr(check_cuda, "host_sync_rows", section("no host sync", 3, "ok"))
     monkeypatch.setattr(check_cuda, "autocast_rows", section("autocast", 3, "ok"))
-    monkeypatch.setattr(check_cuda, "layer_time_rows", lambda *a, **k: [
-        check_cuda.Row("layer time", "MABN2d, median over shapes", "train 0.95x BN; eval 1.01x FrozenBN", "t", "ok")])
-    monkeypatch.setattr(check_cuda, "maskrcnn_rows", lambda *a, **k: [
-        check_cuda.Row("Mask R-CNN step", "MABN, 2 images", "0.100 s = 1.05x BN", "<= 1.1x BN", "ok")])
     output = tmp_path / "rows.md"
     code = check_cuda.main(["--backends", "torch", "--skip-smoke", "--output", str(output)])
     out = capsys.readouterr().out
@@ -262,9 +311,29 @@ def test_rows_stream_as_measured_into_stdout_and_the_file_and_the_summary_fits_8
     assert len(summary.encode()) <= 8192, len(summary.encode())
     assert "correctness: 0 ok, 200 failed" in summary and "no host sync: 3 ok, 0 failed" in summary
     assert "more (see the output file)" in summary
-    assert "MABN2d, median over shapes: train 0.95x BN" in summary and "MABN, 2 images: 0.100 s = 1.05x BN" in summary
+    assert "speed ratios" not in summary  # no timing section: no empty heading
     text = output.read_text()
     assert text.count("| correctness |") == 200 and "y" * 300 in text  # details in full in the file
+
+
+def test_extra_sections_of_main_join_the_table_and_their_speed_ratios_the_summary(check_cuda, monkeypatch, capsys):
+    monkeypatch.setattr(check_cuda, "select_device", lambda name: CPU)
+    for name in ("correctness_rows", "host_sync_rows", "autocast_rows"):
+        monkeypatch.setattr(check_cuda, name, lambda *a, **k: [])
+    built_with = []
+
+    def sections_of(args, device):
+        built_with.append((args.output, device))
+        return [("timing", lambda first: [
+            check_cuda.Row("timing", "MABN2d, median over shapes", "train 0.95x BN", "t", "ok", speed_ratio=True),
+            check_cuda.Row("timing", "2x64x6x8 MABN2d", "train 0.100 ms", "", "info")])]
+
+    code = check_cuda.main(["--backends", "torch", "--skip-smoke"], extra_sections=sections_of)
+    out = capsys.readouterr().out
+    assert code == 0 and built_with == [(None, CPU)]
+    assert "info timing: [torch] 2x64x6x8 MABN2d" in out  # the table has both rows
+    ratios = out[out.index("speed ratios:"):]
+    assert "[torch] MABN2d, median over shapes: train 0.95x BN [ok; t]" in ratios and "2x64x6x8" not in ratios
 
 
 def test_missing_packages_are_named(check_cuda_tool, monkeypatch):

@@ -20,10 +20,11 @@ def test_import_mabn_d2_does_not_import_research_code():
     assert "matplotlib" not in loaded
 
 
-# The tools a user of the plugin runs; the others (studies, benchmarks, the GPU check, which also
-# covers the ablation layers and times the benchmarks) are research tools. train_net and fold_mabn
-# register the demo's datasets from the repository's demo_datasets/, which is not research.
-USER_TOOLS = ("train_net.py", "fold_mabn.py", "convert_pretrained.py", "reestimate_mabn_stats.py")
+# The tools a user of the plugin runs, the GPU check (the layers' own check, mabn_d2.layers.cuda_check)
+# among them; the others (studies, benchmarks, benchmark_cuda.py, which adds the ablation layers and
+# the timings to the GPU check) are research tools. train_net and fold_mabn register the demo's
+# datasets from the repository's demo_datasets/, which is not research.
+USER_TOOLS = ("train_net.py", "fold_mabn.py", "convert_pretrained.py", "reestimate_mabn_stats.py", "check_cuda.py")
 
 
 def test_user_tools_import_no_research_code():
@@ -40,8 +41,8 @@ def test_user_tools_import_no_research_code():
 
 
 def test_research_code_imports_on_its_own():
-    loaded = _modules_after("import research.detection_study, research.study")
-    assert {"research.detection_study", "research.study"} <= loaded
+    loaded = _modules_after("import research.detection_study, research.small_batch_study")
+    assert {"research.detection_study", "research.small_batch_study"} <= loaded
 
 
 def test_the_plugin_never_imports_research_or_the_demo_datasets():

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Check MABN on one CUDA GPU: correctness, host syncs, autocast and speed, one streamed table.
+"""Check the MABN layers on one CUDA GPU: smoke stage, correctness of MABN2d and BatchRenorm2d,
+host syncs and autocast, one streamed table.
 
-The checks are research/cuda_check.py (`--help` describes them). This script only makes sure
-the project imports first, and says in one line what a torch-only GPU box lacks if it does not.
+The checks are the plugin's, mabn_d2/layers/cuda_check.py (`--help` describes them). This script
+only makes sure the project imports first, says in one line what a torch-only GPU box lacks if it
+does not, and gives the checks a watch for host reads of tensor values (`forbid_host_reads`).
+The layer timings, the ablation layers and the Mask R-CNN step are tools/benchmark_cuda.py's.
 
-  python tools/check_cuda.py --quick --output check.md
+  python tools/check_cuda.py --output check.md
 """
 import contextlib
 import importlib.util
@@ -61,24 +64,30 @@ def forbid_host_reads() -> Iterator[None]:
         yield
 
 
+def import_failure(tool: str, error: ImportError) -> int:
+    """Say in one line why the project does not import here (no CUDA GPU first, if there is none,
+    else the packages a torch-only GPU box lacks); the exit status 2."""
+    if not torch.cuda.is_available():
+        print(f"{tool}: no CUDA GPU available (torch {torch.__version__}, torch.cuda.is_available() is "
+              "False); run this on a machine with a CUDA GPU", file=sys.stderr)
+    else:
+        missing = ", ".join(missing_packages()) or "none of the known packages"
+        print(f"{tool}: cannot import mabn_d2 ({error}); missing: {missing}; put detectron2 and its "
+              "pure-Python dependencies on PYTHONPATH", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Import the checks (research.cuda_check) and run them; a box that cannot import the
+    """Import the checks (mabn_d2.layers.cuda_check) and run them; a box that cannot import the
     project gets one line naming what it lacks (and no CUDA GPU first, if it has none)."""
-    if REPO_ROOT not in sys.path:
+    if REPO_ROOT not in sys.path:  # a checkout that is not installed
         sys.path.insert(0, REPO_ROOT)
     try:
         with warnings.catch_warnings():  # detectron2's import-time deprecation warnings: not this check's output
             warnings.simplefilter("ignore")
-            from research import cuda_check
+            from mabn_d2.layers import cuda_check
     except ImportError as error:
-        if not torch.cuda.is_available():
-            print(f"check_cuda: no CUDA GPU available (torch {torch.__version__}, torch.cuda.is_available() is "
-                  "False); run this on a machine with a CUDA GPU", file=sys.stderr)
-        else:
-            missing = ", ".join(missing_packages()) or "none of the known packages"
-            print(f"check_cuda: cannot import mabn_d2 ({error}); missing: {missing}; put detectron2 and its "
-                  "pure-Python dependencies on PYTHONPATH", file=sys.stderr)
-        return 2
+        return import_failure("check_cuda", error)
     return cuda_check.main(argv, host_read_watch=forbid_host_reads)
 
 

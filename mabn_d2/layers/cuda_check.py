@@ -1,24 +1,18 @@
-"""The checks behind tools/check_cuda.py (its CLI is `main`): MABN on one CUDA GPU, one table:
-correctness, host syncs, autocast, speed.
+"""The layers' check on one CUDA GPU (tools/check_cuda.py is its command line, `main` its CLI):
+one streamed table of correctness, host syncs and autocast for MABN2d and BatchRenorm2d.
 
 1. correctness: MABN2d over every phase (batch statistics, moving averages, clipped
-   re-normalization) against the float64 CPU computation of the algorithm in
-   mabn_d2.layers.reference (independent of the layers), in float64, float32 and float32 channels_last on the GPU;
-   the two ablation layers and BatchRenorm2d against their own float64 run on the CPU;
+   re-normalization), with short warm-ups and with the layer's defaults (mabn_d2.layers.hyperparams),
+   against the float64 CPU computation of the algorithm in mabn_d2.layers.reference (independent of
+   the layers), in float64, float32 and float32 channels_last on the GPU; BatchRenorm2d against its
+   own float64 run on the CPU;
 2. no host synchronisation: training steps across every phase boundary, then eval and an
    empty batch, under torch.cuda.set_sync_debug_mode("error"), with no tensor value read
    on the host;
-3. bf16 and fp16 autocast: finite outputs and gradients, float32 state, chi2 as in float32;
-4. per-layer time of a training step (forward + backward) and an eval forward, against
-   BatchNorm2d, GroupNorm, FrozenBN and BatchRenorm2d at the R50-FPN and ROI-head shapes
-   (CUDA events, medians);
-5. the Mask R-CNN R50-FPN training step at 2 images of 800x1216 for MABN, BN, GN and BRN.
-The medians of 4 and MABN's ratio in 5 are judged against the Triton step's targets
-(SPEED_TARGETS: MABN2d train <= 1.2x BN, eval <= 1.05x FrozenBN, BatchRenorm2d <= 1.5x BN,
-Mask R-CNN step <= 1.10x BN) for the backends that use Triton; "torch" rows report them only.
+3. bf16 and fp16 autocast: finite outputs and gradients, float32 state, chi2 as in float32.
 
 Each check runs once per training-step backend (MABN_D2_BACKEND): "torch", the public PyTorch
-operations, always; "auto" (Triton kernels where they apply) too when Triton is installed.
+operations, always; "triton" (the strict Triton backend) too when Triton is installed.
 Rows say which ("[torch] ...").
 
 Before all of it, a smoke stage (about 30 s): the strict "triton" backend on every kernel variant
@@ -28,39 +22,53 @@ and every arrival counter zero afterwards. It fails fast, in one line.
 
 Every row is printed (and flushed) as its section finishes and appended to `--output FILE` with
 its details; the printed summary at the end fits in 8 KB: pass/fail per section, the failed rows,
-then the four speed ratios. `--quick` (smoke, correctness, host syncs, autocast, three layer
-shapes; no Mask R-CNN) is sized for under 3 minutes on one H100.
+then the speed ratios of any timing section a caller added. About a minute on one GPU.
 
-Sized for under 5 minutes on one GPU. Needs torch with CUDA and an importable detectron2 (its
-pure-Python part is enough, e.g. on PYTHONPATH with fvcore, iopath, yacs, omegaconf, ...).
+Needs torch with CUDA and an importable detectron2 (its pure-Python part is enough, e.g. on
+PYTHONPATH with fvcore, iopath, yacs, omegaconf, ...).
 Exit status: 0 every check passed, 1 a check failed, 2 no CUDA GPU or the project does not import.
+
+A caller extends the table (tools/benchmark_cuda.py does): `extra_layers` adds layers (name:
+factory of a layer with warm-ups short enough to cross every phase in SHORT_ITERATIONS steps)
+to the correctness, host-sync and autocast sections, and `extra_sections` adds sections
+(name, rows_of(first_backend) -> rows), run per backend into the same table and summary.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
 import importlib.util
-import statistics
+import os
 import sys
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from mabn_d2.engine.preflight import first_line
-from mabn_d2.layers.reference import ReferenceMABN
+from ..utils.errors import first_line
+from .backend import first_use_verdicts, use_backend
+from .batch_renorm import BatchRenorm2d, batch_renorm_step
+from .centered_conv import CenteredConv2d
+from .hyperparams import MABN_HYPERPARAMETERS, defaults
+from .mabn import MABN2d, MABNFunction
+from .reference import ReferenceMABN
+
+__all__ = ["Unavailable", "Row", "Reporter", "run_checks", "main", "build_parser", "markdown",
+           "SHORT_PHASES", "DEFAULT_PHASES"]
 
 DIMS = (0, 2, 3)
 # Phases in a few iterations: batch statistics 1-6, moving averages 7-20, re-normalization 21-40.
 SHORT_PHASES = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)
 SHORT_ITERATIONS, SHORT_JUMP = 40, 25
-# The layer defaults: re-normalization starts after iteration 1,000.
-DEFAULT_PHASES = dict(buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5)
-DEFAULT_ITERATIONS, DEFAULT_JUMP = 1100, 1050
+# The layer's defaults (written once, in hyperparams.py); the run goes 100 iterations past the
+# start of re-normalization, with the input's scales jumping 50 iterations in, so r clips.
+DEFAULT_PHASES = defaults(MABN_HYPERPARAMETERS)
+DEFAULT_ITERATIONS = DEFAULT_PHASES["renorm_warmup_iters"] + 100
+DEFAULT_JUMP = DEFAULT_PHASES["renorm_warmup_iters"] + 50
 LIMITS = {torch.float64: 1e-9, torch.float32: 1e-4}
-# Speed targets of the Triton training step on a CUDA GPU (ratios of medians); the public-operation
-# path ("torch" backend) is reported against them without a verdict.
-SPEED_TARGETS = {"MABN2d train": 1.2, "MABN2d eval": 1.05, "BatchRenorm2d train": 1.5, "MABN model step": 1.10}
 INPUT_SHAPE = (2, 6, 5, 7)
+
+LayerFactory = Callable[[int], torch.nn.Module]
+HostReadWatch = Callable[[], ContextManager[None]]
 
 
 class Unavailable(Exception):
@@ -74,6 +82,12 @@ class Row:
     result: str
     limit: str = ""
     status: str = "info"  # "ok", "FAIL" or "info" (a measurement without a limit)
+    speed_ratio: bool = False  # a timing ratio against its target: repeated in the summary's "speed ratios"
+
+
+# The sections run_checks runs: (name, rows_of(first_backend) -> rows); rows_of runs under each
+# backend in turn, first_backend True for the first (where backend-independent work belongs).
+Section = Tuple[str, Callable[[bool], List[Row]]]
 
 
 # --------------------------------------------------------------------------- environment
@@ -95,6 +109,11 @@ def cuda_device(name: str) -> torch.device:
     return device
 
 
+def select_device(name: str) -> torch.device:
+    """The device to check: a CUDA device (see cuda_device)."""
+    return cuda_device(name)
+
+
 def available_backends() -> List[str]:
     """The training-step backends worth checking here: public operations, and Triton's if installed.
 
@@ -104,18 +123,12 @@ def available_backends() -> List[str]:
     return ["torch", "triton"] if importlib.util.find_spec("triton") is not None else ["torch"]
 
 
-def backend_context(name: str):
+def backend_context(name: str) -> ContextManager[None]:
     """Run the block with the layers' training step on backend `name` ("torch", "auto", "triton")."""
-    from mabn_d2.layers.backend import use_backend
-
     return use_backend(name)
 
 
 # --------------------------------------------------------------------------- correctness
-def _view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1, -1, 1, 1)
-
-
 def phase_inputs(t: int, generator: torch.Generator, jump_at: int, shape=INPUT_SHAPE) -> Tuple[torch.Tensor, torch.Tensor]:
     """float64 (x, dy) for iteration t; channel scales jump after `jump_at` so r clips both ways."""
     channels = shape[1]
@@ -148,8 +161,6 @@ def check_mabn_against_spec(
     device: torch.device, dtype: torch.dtype, hparams: Dict, iterations: int, jump_at: int, channels_last: bool = False
 ) -> Row:
     """MABN2d on `device` in `dtype` against ReferenceMABN (mabn_d2.layers.reference), over `iterations` training steps."""
-    from mabn_d2.layers import MABN2d
-
     channels = INPUT_SHAPE[1]
     layer = MABN2d(channels, **hparams).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -184,22 +195,19 @@ def _error_row(section: str, case: str, errors: Dict[str, float], limit: float, 
     return Row(section, case, result, f"<= {limit:.0e}", "ok" if worst <= limit and covered else "FAIL")
 
 
-def short_phase_layers() -> Dict[str, Callable[[int], torch.nn.Module]]:
-    """The other trainable layers, with warm-ups short enough to cross every phase in 40 steps."""
-    from research.ablations import MABNCentered2d, MABNForwardOnly2d
-    from mabn_d2.layers import BatchRenorm2d
-
+def short_phase_layers(extra_layers: Optional[Mapping[str, LayerFactory]] = None) -> Dict[str, LayerFactory]:
+    """The trainable layers besides MABN2d, with warm-ups short enough to cross every phase in
+    SHORT_ITERATIONS steps: BatchRenorm2d, then `extra_layers` (a caller's)."""
     return {
-        "MABNForwardOnly2d": lambda c: MABNForwardOnly2d(c, **SHORT_PHASES),
-        "MABNCentered2d": lambda c: MABNCentered2d(c, **SHORT_PHASES),
         "BatchRenorm2d": lambda c: BatchRenorm2d(
             c, ema_update_rate=0.1, r_max=1.5, d_max=0.5, warmup_iters=5, r_max_ramp_iters=10, d_max_ramp_iters=10
         ),
+        **(extra_layers or {}),
     }
 
 
 def check_layer_against_cpu(
-    device: torch.device, dtype: torch.dtype, name: str, factory: Callable[[int], torch.nn.Module], iterations: int
+    device: torch.device, dtype: torch.dtype, name: str, factory: LayerFactory, iterations: int
 ) -> Row:
     """A layer on `device` in `dtype` against the same layer in float64 on the CPU."""
     channels = INPUT_SHAPE[1]
@@ -228,7 +236,9 @@ def check_layer_against_cpu(
     return _error_row("correctness", case, errors, LIMITS[dtype])
 
 
-def correctness_rows(device: torch.device, default_iterations: int = DEFAULT_ITERATIONS) -> List[Row]:
+def correctness_rows(device: torch.device, default_iterations: int = DEFAULT_ITERATIONS,
+                     extra_layers: Optional[Mapping[str, LayerFactory]] = None) -> List[Row]:
+    """MABN2d against the spec (short and default warm-ups), then the other layers against their CPU run."""
     rows = []
     for dtype in (torch.float64, torch.float32):
         rows.append(_guarded("correctness", f"MABN2d {_dtype_name(dtype)}, short warm-ups", lambda d=dtype: check_mabn_against_spec(
@@ -239,7 +249,7 @@ def correctness_rows(device: torch.device, default_iterations: int = DEFAULT_ITE
     for dtype in (torch.float64, torch.float32):
         rows.append(_guarded("correctness", f"MABN2d {_dtype_name(dtype)}, default warm-ups", lambda d=dtype: check_mabn_against_spec(
             device, d, DEFAULT_PHASES, default_iterations, jump)))
-    for name, factory in short_phase_layers().items():
+    for name, factory in short_phase_layers(extra_layers).items():
         for dtype in (torch.float64, torch.float32):
             rows.append(_guarded("correctness", f"{name} {_dtype_name(dtype)}", lambda n=name, f=factory, d=dtype: check_layer_against_cpu(
                 device, d, n, f, SHORT_ITERATIONS)))
@@ -247,9 +257,6 @@ def correctness_rows(device: torch.device, default_iterations: int = DEFAULT_ITE
 
 
 # --------------------------------------------------------------------------- host synchronisation
-HostReadWatch = Callable[[], ContextManager[None]]
-
-
 @contextlib.contextmanager
 def no_host_sync(device: torch.device, host_read_watch: Optional[HostReadWatch] = None) -> Iterator[None]:
     """Raise on any synchronising CUDA call (on CUDA), and on any host read of a tensor value that
@@ -294,23 +301,23 @@ def check_no_host_sync(device: torch.device, name: str, layer: torch.nn.Module, 
     return Row("no host sync", case, "none", "none", "ok")
 
 
-def host_sync_rows(device: torch.device, iterations: int = SHORT_ITERATIONS,
-                   host_read_watch: Optional[HostReadWatch] = None) -> List[Row]:
-    from mabn_d2.layers import MABN2d
+def _all_layers(extra_layers: Optional[Mapping[str, LayerFactory]]) -> Dict[str, LayerFactory]:
+    return {"MABN2d": lambda c: MABN2d(c, **SHORT_PHASES), **short_phase_layers(extra_layers)}
 
-    layers = {"MABN2d": lambda c: MABN2d(c, **SHORT_PHASES), **short_phase_layers()}
+
+def host_sync_rows(device: torch.device, iterations: int = SHORT_ITERATIONS,
+                   host_read_watch: Optional[HostReadWatch] = None,
+                   extra_layers: Optional[Mapping[str, LayerFactory]] = None) -> List[Row]:
     return [
         _guarded("no host sync", name, lambda n=name, f=factory: check_no_host_sync(
             device, n, f(INPUT_SHAPE[1]), iterations, host_read_watch))
-        for name, factory in layers.items()
+        for name, factory in _all_layers(extra_layers).items()
     ]
 
 
 # --------------------------------------------------------------------------- autocast
 def check_autocast(device: torch.device, dtype: torch.dtype, name: str, layer: torch.nn.Module, iterations: int) -> Row:
     """conv -> layer under autocast: output in `dtype`, finite everywhere, float32 state, chi2 as in float32."""
-    from mabn_d2.layers import CenteredConv2d
-
     torch.manual_seed(3)
     conv = CenteredConv2d(3, INPUT_SHAPE[1], 3, padding=1).to(device)  # MABN refuses a raw-weight convolution
     layer = layer.to(device)
@@ -344,85 +351,13 @@ def check_autocast(device: torch.device, dtype: torch.dtype, name: str, layer: t
     return Row("autocast", case, result, "finite, float32 state", "FAIL" if problems else "ok")
 
 
-def autocast_rows(device: torch.device, dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16)) -> List[Row]:
-    from mabn_d2.layers import MABN2d
-
-    layers = {"MABN2d": lambda c: MABN2d(c, **SHORT_PHASES), **short_phase_layers()}
+def autocast_rows(device: torch.device, dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16),
+                  extra_layers: Optional[Mapping[str, LayerFactory]] = None) -> List[Row]:
     return [
         _guarded("autocast", f"{name} {_dtype_name(dtype)}", lambda n=name, f=factory, d=dtype: check_autocast(
             device, d, n, f(INPUT_SHAPE[1]), SHORT_ITERATIONS))
-        for dtype in dtypes for name, factory in layers.items()
+        for dtype in dtypes for name, factory in _all_layers(extra_layers).items()
     ]
-
-
-# --------------------------------------------------------------------------- speed
-def layer_time_rows(
-    device: torch.device, shapes: Optional[Sequence] = None, repeats: int = 20, norms: Optional[Sequence[str]] = None
-) -> List[Row]:
-    """Train and eval time of each norm per shape, as ratios to BatchNorm2d (train) and FrozenBN (eval)."""
-    from research.norm_benchmark import DETECTION_SHAPES, NORMS, benchmark_shape
-
-    norms = list(norms or NORMS)
-    for baseline in ("MABN2d", "BatchNorm2d", "FrozenBN"):
-        if baseline not in norms:
-            norms.append(baseline)
-    rows, train_ratios, eval_ratios, brn_ratios = [], [], [], []
-    for shape in shapes or DETECTION_SHAPES:
-        label = "x".join(map(str, shape))
-        result = benchmark_shape(shape, norms, repeats, device)
-        bn, frozen = result["train"]["BatchNorm2d"], result["eval"]["FrozenBN"]
-        for name in norms:
-            t, e = result["train"][name], result["eval"][name]
-            rows.append(Row("layer time", f"{label} {name}",
-                            f"train {t * 1e3:.3f} ms = {t / bn:.2f}x BN; eval {e * 1e3:.3f} ms = {e / frozen:.2f}x FrozenBN"))
-        train_ratios.append(result["train"]["MABN2d"] / bn)
-        eval_ratios.append(result["eval"]["MABN2d"] / frozen)
-        if "BatchRenorm2d" in norms:
-            brn_ratios.append(result["train"]["BatchRenorm2d"] / bn)
-    if brn_ratios:
-        brn = statistics.median(brn_ratios)
-        rows.append(_speed_row("layer time", "BatchRenorm2d, median over shapes", f"train {brn:.2f}x BN",
-                               {f"train <= {SPEED_TARGETS['BatchRenorm2d train']}x BN": brn <= SPEED_TARGETS["BatchRenorm2d train"]},
-                               device))
-    train, evaluation = statistics.median(train_ratios), statistics.median(eval_ratios)
-    rows.append(_speed_row("layer time", "MABN2d, median over shapes", f"train {train:.2f}x BN; eval {evaluation:.2f}x FrozenBN", {
-        f"train <= {SPEED_TARGETS['MABN2d train']}x BN": train <= SPEED_TARGETS["MABN2d train"],
-        f"eval <= {SPEED_TARGETS['MABN2d eval']}x FrozenBN": evaluation <= SPEED_TARGETS["MABN2d eval"],
-    }, device))
-    return rows
-
-
-def _speed_row(section: str, case: str, result: str, targets: Dict[str, bool], device: torch.device) -> Row:
-    """A timing row with the fast path's targets as its limit, judged for the Triton step on CUDA only."""
-    from mabn_d2.layers.backend import selected_backend
-
-    limit = ", ".join(targets)
-    if torch.device(device).type != "cuda" or selected_backend() == "torch":
-        return Row(section, case, result, f"target (Triton on CUDA): {limit}", "info")
-    return Row(section, case, result, limit, "ok" if all(targets.values()) else "FAIL")
-
-
-def maskrcnn_rows(
-    device: torch.device, height: int = 800, width: int = 1216, repeats: int = 10,
-    variants: Sequence[str] = ("MABN", "BN", "GN", "BRN"),
-) -> List[Row]:
-    """Median Mask R-CNN R50-FPN training step (2 images) per norm, as a ratio to BN."""
-    from research.maskrcnn_benchmark import measure_training_steps
-
-    results = measure_training_steps(list(variants), height, width, repeats, str(device))
-    bn = results["BN"]["seconds"] if "BN" in results else None
-    rows = []
-    for name, result in results.items():
-        text = f"{result['seconds']:.3f} s" + (f" = {result['seconds'] / bn:.2f}x BN" if bn else "")
-        if "peak_bytes" in result:
-            text += f", peak {result['peak_bytes'] / 2**30:.1f} GiB"
-        case = f"{name}, 2 images of {height}x{width}, norm in backbone, FPN, heads"
-        if name == "MABN" and bn:
-            target = SPEED_TARGETS["MABN model step"]
-            rows.append(_speed_row("Mask R-CNN step", case, text, {f"<= {target}x BN": result["seconds"] / bn <= target}, device))
-        else:
-            rows.append(Row("Mask R-CNN step", case, text))
-    return rows
 
 
 # --------------------------------------------------------------------------- smoke stage
@@ -437,10 +372,8 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
     MABN in each phase and Batch Renormalization with r and d clipped and free, per (activation
     dtype, layout), at a multi-program shape; each check builds its own tensors (no layer state).
     """
-    from mabn_d2.layers import MABNFunction
-    from mabn_d2.layers.batch_renorm import batch_renorm_step
-    from mabn_d2.layers.triton import launch as triton_launch
-    from mabn_d2.layers.triton.first_use_check import first_use_check_batch_renorm, first_use_check_mabn
+    from .triton import launch as triton_launch
+    from .triton.first_use_check import first_use_check_batch_renorm, first_use_check_mabn
 
     def probe_mabn(x, state_dtype, shape):
         return first_use_check_mabn(x, state_dtype, shape, public_function=MABNFunction)
@@ -495,7 +428,8 @@ class Reporter:
                 f.write(text + "\n")
 
     def summary(self) -> str:
-        """Pass/fail per section, the failed rows (shortened), then the speed ratios; at most SUMMARY_LIMIT bytes."""
+        """Pass/fail per section, the failed rows (shortened), then the speed ratios (rows marked
+        `speed_ratio`, when there are any); at most SUMMARY_LIMIT bytes."""
         sections: Dict[str, Dict[str, int]] = {}
         for row in self.rows:
             counts = sections.setdefault(row.section, {"ok": 0, "FAIL": 0, "info": 0})
@@ -503,8 +437,9 @@ class Reporter:
         lines = ["", "summary:"]
         lines += [f"  {name}: {c['ok']} ok, {c['FAIL']} failed, {c['info']} measured"
                   + (" -> FAIL" if c["FAIL"] else " -> pass") for name, c in sections.items()]
-        ratios = [r for r in self.rows if "median over shapes" in r.case or r.case.split("] ")[-1].startswith("MABN,")]
-        tail = ["speed ratios:"] + [f"  {r.case}: {r.result[:200]} [{r.status}; {r.limit[:120]}]" for r in ratios]
+        ratios = [r for r in self.rows if r.speed_ratio]
+        tail = ["speed ratios:"] + [f"  {r.case}: {r.result[:200]} [{r.status}; {r.limit[:120]}]" for r in ratios] \
+            if ratios else []
         failed = [r for r in self.rows if r.status == "FAIL"]
         budget = SUMMARY_LIMIT - len("\n".join(lines + tail).encode()) - 200
         if failed:
@@ -540,26 +475,22 @@ def markdown(rows: Sequence[Row]) -> str:
 
 
 def run_checks(
-    device: torch.device, backends: Sequence[str] = ("torch",), repeats: int = 20, model_repeats: int = 10,
-    speed: bool = True, model: bool = True, height: int = 800, width: int = 1216, shapes: Optional[Sequence] = None,
-    reporter: Optional[Reporter] = None, host_read_watch: Optional[HostReadWatch] = None,
+    device: torch.device, backends: Sequence[str] = ("torch",), reporter: Optional[Reporter] = None,
+    host_read_watch: Optional[HostReadWatch] = None, extra_layers: Optional[Mapping[str, LayerFactory]] = None,
+    extra_sections: Sequence[Section] = (),
 ) -> List[Row]:
-    """Every check's rows, in table order, once per backend (`shapes`: layer-timing shapes, default R50-FPN's).
+    """Every check's rows, in table order, once per backend: correctness, no host sync, autocast
+    (MABN2d, BatchRenorm2d and `extra_layers`), then `extra_sections` in their order.
 
-    The timings of the norms without a backend choice (BN, GN, FrozenBN) are taken with the first
-    backend only. A `reporter` gets each section's rows as soon as they are measured.
+    A section that raises becomes one FAIL row for that backend. A `reporter` gets each section's
+    rows as soon as they are measured.
     """
-    sections: List[Tuple[str, Callable[[bool], List[Row]]]] = [
-        ("correctness", lambda first: correctness_rows(device)),
-        ("no host sync", lambda first: host_sync_rows(device, host_read_watch=host_read_watch)),
-        ("autocast", lambda first: autocast_rows(device)),
+    sections: List[Section] = [
+        ("correctness", lambda first: correctness_rows(device, extra_layers=extra_layers)),
+        ("no host sync", lambda first: host_sync_rows(device, host_read_watch=host_read_watch, extra_layers=extra_layers)),
+        ("autocast", lambda first: autocast_rows(device, extra_layers=extra_layers)),
+        *extra_sections,
     ]
-    if speed:
-        sections.append(("layer time", lambda first: layer_time_rows(
-            device, shapes, repeats, None if first else ["MABN2d", "BatchRenorm2d"])))
-    if model:
-        sections.append(("Mask R-CNN step", lambda first: maskrcnn_rows(
-            device, height, width, model_repeats, ("MABN", "BN", "GN", "BRN") if first else ("MABN", "BN", "BRN"))))
     rows = []
     for section, rows_of in sections:
         for index, backend in enumerate(backends):
@@ -577,38 +508,47 @@ def run_checks(
 
 def triton_served(device: torch.device) -> str:
     """Which (layer, dtype, layout) keys the Triton kernels served on `device`, from the first-use checks."""
-    from mabn_d2.layers.backend import first_use_verdicts
-
     served = [f"{owner} {_dtype_name(dtype)}{' channels_last' if cl else ''}"
               for (owner, d, dtype, cl, _), verdict in first_use_verdicts().items()
               if verdict is None and d.type == torch.device(device).type]
     return ", ".join(sorted(served)) or "none"
 
 
-QUICK_SHAPES = [(2, 256, 200, 336), (2, 1024, 50, 84), (512, 256, 14, 14)]
+QUICK_HELP = ("accepted for scripts written for the older, longer check: runs the same cases (this check "
+              "takes about a minute; tools/benchmark_cuda.py holds the timings --quick used to shorten)")
 
 
-def main(argv: Optional[List[str]] = None, host_read_watch: Optional[HostReadWatch] = None) -> int:
-    parser = argparse.ArgumentParser(prog="check_cuda.py", description=__doc__,
+def build_parser(prog: str = "check_cuda.py", description: Optional[str] = __doc__,
+                 quick_help: str = QUICK_HELP) -> argparse.ArgumentParser:
+    """The check's options; a caller adds its own (tools/benchmark_cuda.py) and passes it to `main`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="the CUDA device to check (default: cuda)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per layer and shape (median)")
-    parser.add_argument("--model-repeats", type=int, default=10, help="timed Mask R-CNN steps per variant (median)")
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1216)
-    parser.add_argument("--skip-speed", action="store_true", help="no per-layer timing")
-    parser.add_argument("--skip-model", action="store_true", help="no Mask R-CNN timing")
     parser.add_argument("--skip-smoke", action="store_true", help="no smoke stage")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke, correctness, host syncs, autocast, 3 layer shapes x 5 rounds, no Mask R-CNN")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--output", default=None, help="append every row, with its details, to this file")
     parser.add_argument("--backends", nargs="+", choices=("torch", "auto", "triton"), default=None,
                         help="training-step backends to check (default: torch, and triton when Triton is installed)")
+    return parser
+
+
+SectionsOf = Callable[[argparse.Namespace, torch.device], Sequence[Section]]
+
+
+def main(argv: Optional[List[str]] = None, host_read_watch: Optional[HostReadWatch] = None,
+         extra_sections: Optional[SectionsOf] = None, extra_layers: Optional[Mapping[str, LayerFactory]] = None,
+         parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """The command line: parse `argv` with `parser` (default `build_parser()`), pick the device,
+    run the smoke stage (when "triton" is among the backends), then `run_checks` with
+    `extra_layers` and the sections `extra_sections(args, device)` returns; print the summary.
+    Returns the exit status (0 passed, 1 a check failed, 2 no usable CUDA device)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
+    tool = os.path.splitext(parser.prog)[0]
     try:
         device = select_device(args.device)
     except Unavailable as reason:
-        print(f"check_cuda: {reason}", file=sys.stderr)
+        print(f"{tool}: {reason}", file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -622,23 +562,14 @@ def main(argv: Optional[List[str]] = None, host_read_watch: Optional[HostReadWat
         reporter.add(smoke)
         failed = [row for row in smoke if row.status == "FAIL"]
         if failed:
-            print(f"check_cuda: smoke stage failed ({len(failed)} of {len(smoke)}): {failed[0].case}: "
+            print(f"{tool}: smoke stage failed ({len(failed)} of {len(smoke)}): {failed[0].case}: "
                   f"{failed[0].result[:300]}", file=sys.stderr, flush=True)
             return 1
-    repeats = min(args.repeats, 5) if args.quick else args.repeats
-    shapes = QUICK_SHAPES if args.quick else None
-    run_checks(device, backends, repeats, args.model_repeats, not args.skip_speed,
-               not (args.skip_model or args.quick), args.height, args.width, shapes, reporter, host_read_watch)
+    sections = list(extra_sections(args, device)) if extra_sections is not None else []
+    run_checks(device, backends, reporter, host_read_watch, extra_layers, sections)
     if "triton" in backends:
         reporter.note(f"Triton kernels served (first-use checks passed): {triton_served(device)}")
     print(reporter.summary(), flush=True)
     failed = sum(row.status == "FAIL" for row in reporter.rows)
     print(f"\n{failed} check(s) failed" if failed else "\nall checks passed")
     return 1 if failed else 0
-
-
-def select_device(name: str) -> torch.device:
-    """The device to check: a CUDA device (see cuda_device)."""
-    return cuda_device(name)
-
-
