@@ -55,7 +55,7 @@ from .reference import ReferenceMABN
 __all__ = ["Unavailable", "Row", "Reporter", "run_checks", "main", "build_parser", "markdown",
            "SHORT_PHASES", "DEFAULT_PHASES"]
 
-DIMS = (0, 2, 3)
+DIMS = (0, 2, 3)  # the independent chi2 of the autocast check, written out (not channel_ops')
 # Phases in a few iterations: batch statistics 1-6, moving averages 7-20, re-normalization 21-40.
 SHORT_PHASES = dict(buffer_size=4, ema_decay=0.9, warmup_iters=7, renorm_warmup_iters=20, renorm_clip=1.5, eps=1e-3)
 SHORT_ITERATIONS, SHORT_JUMP = 40, 25
@@ -375,10 +375,10 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
     from .triton import launch as triton_launch
     from .triton.first_use_check import first_use_check_batch_renorm, first_use_check_mabn
 
-    def probe_mabn(x, state_dtype, shape):
+    def kernels_mabn(x, state_dtype, shape):
         return first_use_check_mabn(x, state_dtype, shape, public_function=MABNFunction)
 
-    def probe_brn(x, state_dtype, shape):
+    def kernels_brn(x, state_dtype, shape):
         return first_use_check_batch_renorm(x, state_dtype, shape, public_step=batch_renorm_step)
 
     rows = []
@@ -387,9 +387,9 @@ def smoke_rows(device: torch.device, shape: Sequence[int] = SMOKE_SHAPE) -> List
             for channels_last in (False, True):
                 x = _on(torch.zeros(shape), device, dtype, channels_last)
                 label = f"{_dtype_name(dtype)}{' channels_last' if channels_last else ''} {'x'.join(map(str, shape))}"
-                for name, probe in (("MABN2d", probe_mabn), ("BatchRenorm2d", probe_brn)):
-                    def check(probe=probe, name=name, x=x, label=label, state_dtype=state_dtype) -> Row:
-                        problem = probe(x, state_dtype, shape)
+                for name, first_use_check in (("MABN2d", kernels_mabn), ("BatchRenorm2d", kernels_brn)):
+                    def check(first_use_check=first_use_check, name=name, x=x, label=label, state_dtype=state_dtype) -> Row:
+                        problem = first_use_check(x, state_dtype, shape)
                         return Row("smoke", f"{name} {label}", problem or "kernels = public path, every variant", "",
                                    "FAIL" if problem else "ok")
                     rows.append(_guarded("smoke", f"{name} {label}", check))
