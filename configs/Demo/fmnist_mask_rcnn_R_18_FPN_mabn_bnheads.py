@@ -1,9 +1,9 @@
 """LazyConfig equivalent of fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.yaml: the demo's Mask R-CNN R-18 FPN.
 
-MABN in the backbone and FPN, BN in the box and mask heads, MABN's defaults (the paper's warm-ups,
-100 / 1000 iterations: on this 450-iteration schedule re-normalization never starts, and the
-trainer says so). The same model, solver and datasets as the YAML; tests/test_lazy_config.py
-builds both and compares them.
+MABN in the backbone and FPN, BN in the box and mask heads, under the authors' solver scaled to 450
+iterations (LR warm-up 90 from 1/3, LR x 0.1 at 300 and 400, bias LR x 2 without decay, gamma
+decayed, no clipping; moving averages from 22, re-normalization from 180). The same model, solver
+and datasets as the YAML; tests/test_lazy_config.py builds both and compares them.
 
   python tools/train_net.py --config-file configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.py \\
       [train.max_iter=100 train.output_dir=out dataloader.train.dataset.names=fmnist_coco_tiny_train ...]
@@ -20,13 +20,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import CosineParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from mabn_d2 import MABN2d
 
-# MODEL.MABN's defaults, written out.
+# MODEL.MABN's defaults, written out, with the warm-ups of the scaled recipe.
 mabn_norm = partial(
-    MABN2d, buffer_size=16, ema_decay=0.98, warmup_iters=100, renorm_warmup_iters=1000, renorm_clip=5.0, eps=1e-5
+    MABN2d, buffer_size=16, ema_decay=0.98, warmup_iters=22, renorm_warmup_iters=180, renorm_clip=5.0, eps=1e-5
 )
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
@@ -86,12 +86,15 @@ dataloader.test.num_workers = 0
 optimizer.lr = 0.02
 optimizer.momentum = 0.9
 optimizer.weight_decay = 1e-4
-optimizer.params.weight_decay_norm = 0.0
-# A cosine decay after a 50-iteration linear warm-up from 1 %, as a share of the schedule.
+optimizer.params.base_lr = 0.02  # bias_lr_factor needs it
+optimizer.params.weight_decay_norm = 1e-4  # gamma (and MABN's beta) decayed, as the authors do
+optimizer.params.bias_lr_factor = 2.0
+optimizer.params.weight_decay_bias = 0.0
+# LR x 0.1 at 2/3 and 8/9 of the schedule after a linear warm-up from 1/3 over its first fifth.
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.0),
-    warmup_length=50 / 450,
-    warmup_factor=0.01,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[300, 400], num_updates=450),
+    warmup_length=90 / 450,
+    warmup_factor=1 / 3,
     warmup_method="linear",
 )
 
@@ -102,4 +105,4 @@ train.device = "cpu"
 train.seed = 0
 train.eval_period = 0  # evaluation once, after training
 train.checkpointer = dict(period=100000)
-train.clip_gradients = dict(enabled=True, clip_type="norm", clip_value=10.0, norm_type=2.0)
+train.clip_gradients = dict(enabled=False, clip_type="norm", clip_value=10.0, norm_type=2.0)  # no clipping
