@@ -12,6 +12,16 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module named <name>_tool (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO_ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def demo_datasets_dir(tmp_path_factory):
     """A session-wide $DETECTRON2_DATASETS so demo datasets are built once per test run."""

@@ -6,7 +6,6 @@ script exits non-zero with a one-line message and imports no detectron2 first. T
 layers and the timings (tools/benchmark_cuda.py, research.cuda_benchmarks) are tested in
 tests/research/test_cuda_benchmarks.py.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, load_tool
 
 SCRIPT = os.path.join(REPO_ROOT, "tools", "check_cuda.py")
 CPU = torch.device("cpu")
@@ -30,10 +29,7 @@ def check_cuda():
 
 @pytest.fixture(scope="module")
 def check_cuda_tool():
-    spec = importlib.util.spec_from_file_location("check_cuda_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("check_cuda")
 
 
 def _statuses(rows):

@@ -1,5 +1,4 @@
 """convert_pretrained: torchvision / detectron2 / Caffe2 BN checkpoints -> MABN layout, strictly."""
-import importlib.util
 import logging
 import os
 import pickle
@@ -17,16 +16,13 @@ from mabn_d2.engine.convert_pretrained import (
     torchvision_to_detectron2_names,
 )
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, load_tool
 
 FINETUNE_CONFIG = os.path.join(REPO_ROOT, "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_mabn_finetune.yaml")
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_pretrained_tool", os.path.join(REPO_ROOT, "tools", "convert_pretrained.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_pretrained")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """LazyConfigs in the tools: the demo .py matches its YAML, overrides reach the detector, bad ones stop
 train_net with one line before anything is written, and the demo trains, resumes, evaluates and folds."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from mabn_d2.engine.preflight import UsageError
 from mabn_d2.engine.trainer import MABNTrainer, setup_cfg
 from mabn_d2.layers import MABN2d
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, load_tool
 
 DEMO_YAML = os.path.join(REPO_ROOT, "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.yaml")
 DEMO_LAZY = os.path.join(REPO_ROOT, "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn_bnheads.py")
@@ -30,10 +29,7 @@ TINY_DATA = ["dataloader.train.dataset.names=fmnist_coco_tiny_train",
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO_ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,14 @@ from mabn_d2.engine.checkpoint import MABNCheckpointer
 from mabn_d2.layers import MABN2d
 from mabn_d2.engine.preflight import UsageError, check_device, check_norm_names, check_writable_dir
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, load_tool
 
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn.yaml")
 
 
 @pytest.fixture(scope="module")
 def train_net():
-    spec = importlib.util.spec_from_file_location("train_net_tool", os.path.join(REPO_ROOT, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_net")
 
 
 def _refused(train_net, capsys, *argv) -> str:

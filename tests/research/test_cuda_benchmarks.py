@@ -3,7 +3,6 @@ the ablation layers in the check's sections, the layer timings and the Mask R-CN
 
 The plugin's own checks (mabn_d2.layers.cuda_check) are tested in tests/test_check_cuda.py.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ..conftest import REPO_ROOT
+from ..conftest import REPO_ROOT, load_tool
 
 SCRIPT = os.path.join(REPO_ROOT, "tools", "benchmark_cuda.py")
 CPU = torch.device("cpu")
@@ -33,10 +32,7 @@ def benchmarks():
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO_ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")
