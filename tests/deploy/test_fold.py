@@ -508,7 +508,7 @@ def test_tool_batchnorm_weights_name_the_non_zero_mean_not_a_damaged_file(saved,
     # The layer's whole refusal, advice included, and no claim that the file is damaged.
     assert re.search(r": backbone\.\S+\.norm\.running_mean: MABN2d's mean is zero by definition, got a non-zero "
                      r"running_mean \(largest magnitude [\d.]+\); convert BatchNorm checkpoints with "
-                     r"tools/convert_pretrained\.py \(mabn_d2\.deploy\.convert\.bn_to_mabn\) instead; ", line), line
+                     r"tools/convert_pretrained\.py \(mabn_d2\.engine\.convert_pretrained\.bn_to_mabn\) instead; ", line), line
     assert "damaged" not in line and "cannot read" not in line
     _assert_no_output(tmp_path / "out")
 
