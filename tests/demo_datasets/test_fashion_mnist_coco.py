@@ -270,6 +270,7 @@ def test_register_missing_dataset(tmp_path, dataset_names):
 # --------------------------------------------------------------------------- #
 SIGNAL_DURING_BUILD = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may inherit SIGINT ignored
 from demo_datasets import fashion_mnist_coco as fmc
 real_png, written = fmc._png_bytes, []
 def png_then_signal(gray):

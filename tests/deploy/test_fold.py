@@ -660,6 +660,7 @@ def test_tool_cuda_device_without_cuda(saved, tmp_path, capsys):
 SIGNAL_DURING_FOLD = textwrap.dedent(
     """
     import os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may inherit SIGINT ignored
     import mabn_d2.deploy.pipeline as export
     real_save = export.save_checkpoint
     def save_then_signal(model, path):
