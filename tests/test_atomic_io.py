@@ -52,6 +52,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 SIGNAL_DURING_WRITE = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may inherit SIGINT ignored
 atomic_write = atomic_io.atomic_write
 target, signame = sys.argv[1], sys.argv[2]
 def write(f):
@@ -78,6 +79,7 @@ def test_signal_during_write_removes_the_temporary_file(tmp_path, signame):
 
 SIGNAL_WHILE_STAGING = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may inherit SIGINT ignored
 staged_directory = atomic_io.staged_directory
 target, signame = sys.argv[1], sys.argv[2]
 with staged_directory(target, "staging") as stage:
