@@ -25,7 +25,8 @@ import mabn_d2  # noqa: F401  (registers the "MABN" and "BRN" norm strings)
 from mabn_d2.config import mabn_kwargs_from_cfg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # demo_datasets/, research/
 from demo_datasets.builtin import register_demo_datasets
-from mabn_d2.engine import MABNHealthHook, MABNTrainer, setup_cfg
+from mabn_d2.engine import MABNHealthHook, MABNTrainer
+from mabn_d2.engine.trainer import read_cfg, setup_run
 from mabn_d2.utils.atomic_io import atomic_write_json
 
 DEMO_CONFIG = "configs/Demo/fmnist_mask_rcnn_R_18_FPN_mabn.yaml"
@@ -56,12 +57,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = read_cfg(args.config_file, args.opts)
     if os.path.exists(os.path.join(cfg.OUTPUT_DIR, "log.txt")):
         parser.error(f"{cfg.OUTPUT_DIR} holds a run already (log.txt): name a fresh OUTPUT_DIR")
     # default_setup's log.txt and config.yaml, as tools/train_net.py writes them
-    cfg = setup_cfg(args.config_file, args.opts, argparse.Namespace(config_file=args.config_file, eval_only=False,
-                                                                     resume=False, opts=args.opts))
+    setup_run(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False, resume=False, opts=args.opts))
     register_demo_datasets(cfg)
     trainer = MABNTrainer(cfg)
     trainer.resume_or_load(resume=False)
